@@ -1,0 +1,39 @@
+"""Cross-Layer Attention (CLA) for Megatron-Core.
+
+In every group of S adjacent decoder layers only the first (the producer) computes keys and values;
+the others (consumers) compute queries only and attend over the producer's K/V, so the KV cache
+shrinks by S. See README.md for usage.
+"""
+
+from megatron_cla.attention import (
+    CLAConsumerAttention,
+    CLAConsumerAttentionSubmodules,
+    CLAProducerAttention,
+)
+from megatron_cla.config import CLATransformerConfig
+from megatron_cla.layer import CLATransformerLayer, CLATransformerLayerSubmodules
+from megatron_cla.sharing import KVSharing
+from megatron_cla.specs import (
+    cla_layer_spec_from_stock,
+    get_cla_decoder_block_spec,
+    get_cla_decoder_layer_specs,
+    get_gpt_layer_with_cla_local_spec,
+    get_gpt_layer_with_cla_transformer_engine_spec,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLAConsumerAttention",
+    "CLAConsumerAttentionSubmodules",
+    "CLAProducerAttention",
+    "CLATransformerConfig",
+    "CLATransformerLayer",
+    "CLATransformerLayerSubmodules",
+    "KVSharing",
+    "cla_layer_spec_from_stock",
+    "get_cla_decoder_block_spec",
+    "get_cla_decoder_layer_specs",
+    "get_gpt_layer_with_cla_local_spec",
+    "get_gpt_layer_with_cla_transformer_engine_spec",
+]

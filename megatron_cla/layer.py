@@ -1,0 +1,234 @@
+"""``CLATransformerLayer``: a Megatron ``TransformerLayer`` that is a K/V producer or consumer.
+
+The role is decided once, at construction, from the layer's *global* layer number and the model's
+:class:`~megatron_cla.sharing.KVSharing`; the layer then builds either the producer attention
+(stock ``SelfAttention`` + K/V capture) or the consumer attention (query projection only). The
+same spec can therefore be replicated for every layer, which is what ``pretrain_gpt.py --spec``
+does. The K/V travel between layers in ``context`` (see :mod:`megatron_cla.kv_handoff`).
+
+Where S comes from, in order:
+
+1. spec params ``cla_share_factor`` / ``cla_producer_layers`` (must agree with the config if it has
+   CLA fields too);
+2. the config's ``cla_share_factor`` / ``cla_producer_layers`` (``CLATransformerConfig``, or any
+   config object with those attributes, e.g. a Megatron-Bridge provider subclass);
+3. with spec param ``cla_settings_from_env=True``: the environment variables
+   ``MEGATRON_CLA_SHARE_FACTOR`` / ``MEGATRON_CLA_PRODUCER_LAYERS`` (for an unmodified
+   ``pretrain_gpt.py``).
+
+No source at all is an error, not plain attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from megatron_cla import _compat
+from megatron_cla.kv_handoff import pack_kv, unpack_kv
+from megatron_cla.sharing import KVSharing
+from megatron_cla.validation import validate_cla_setup
+
+__all__ = [
+    "CLATransformerLayer",
+    "CLATransformerLayerSubmodules",
+    "ENV_SHARE_FACTOR",
+    "ENV_PRODUCER_LAYERS",
+    "resolve_sharing",
+]
+
+ENV_SHARE_FACTOR = "MEGATRON_CLA_SHARE_FACTOR"
+"""Environment variable read by specs built with ``cla_settings_from_env=True``."""
+
+ENV_PRODUCER_LAYERS = "MEGATRON_CLA_PRODUCER_LAYERS"
+"""Comma-separated 1-based producer layers, e.g. ``"1,2,4,6"`` (instead of a share factor)."""
+
+
+@dataclass
+class CLATransformerLayerSubmodules(TransformerLayerSubmodules):
+    """Stock layer submodules plus the consumer's attention.
+
+    ``self_attention`` is the producer's attention spec; layers that turn out to be consumers
+    build ``consumer_self_attention`` instead.
+    """
+
+    consumer_self_attention: Union[ModuleSpec, type] = IdentityOp
+    """Attention spec for consumer layers (``CLAConsumerAttention``)."""
+
+    def for_role(self, producer: bool) -> TransformerLayerSubmodules:
+        """Plain ``TransformerLayerSubmodules`` for a producer or a consumer layer."""
+        fields = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(TransformerLayerSubmodules)
+        }
+        if not producer:
+            fields["self_attention"] = self.consumer_self_attention
+            fields["sharded_state_dict_keys_map"] = {
+                k: v.replace("self_attention.linear_qkv.", "self_attention.linear_q.")
+                for k, v in self.sharded_state_dict_keys_map.items()
+            }
+        return TransformerLayerSubmodules(**fields)
+
+
+def _env_settings() -> tuple[Optional[int], Optional[list[int]]]:
+    factor, producers = os.environ.get(ENV_SHARE_FACTOR), os.environ.get(ENV_PRODUCER_LAYERS)
+    if factor is None and producers is None:
+        raise ValueError(
+            f"This CLA spec reads its sharing from the environment, but neither {ENV_SHARE_FACTOR}"
+            f" nor {ENV_PRODUCER_LAYERS} is set. Example: export {ENV_SHARE_FACTOR}=2"
+        )
+    try:
+        return (
+            None if factor is None else int(factor),
+            None if producers is None else [int(p) for p in producers.split(",") if p.strip()],
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"Cannot parse {ENV_SHARE_FACTOR}={factor!r} / {ENV_PRODUCER_LAYERS}={producers!r}: "
+            f"use an integer and a comma-separated list of integers."
+        ) from err
+
+
+def resolve_sharing(
+    config: Any,
+    share_factor: Optional[int] = None,
+    producer_layers: Optional[Sequence[int]] = None,
+    from_env: bool = False,
+) -> KVSharing:
+    """The ``KVSharing`` a CLA layer of ``config`` uses (see the module docstring for the order)."""
+    cfg_factor = getattr(config, "cla_share_factor", None)
+    cfg_producers = getattr(config, "cla_producer_layers", None)
+    cfg_has = cfg_factor is not None or cfg_producers is not None
+    if from_env:
+        share_factor, producer_layers = _env_settings()
+    spec_has = share_factor is not None or producer_layers is not None
+    if spec_has and cfg_has:
+        spec = KVSharing.from_settings(config.num_layers, share_factor, producer_layers)
+        cfg = KVSharing.from_settings(config.num_layers, cfg_factor, cfg_producers)
+        if spec != cfg:
+            raise ValueError(
+                f"The CLA spec says producers {list(spec.producer_layers)} but the config says "
+                f"{list(cfg.producer_layers)} (cla_share_factor={cfg_factor}, "
+                f"cla_producer_layers={cfg_producers}). Set the sharing in one place."
+            )
+        return cfg
+    if spec_has:
+        return KVSharing.from_settings(config.num_layers, share_factor, producer_layers)
+    if cfg_has:
+        return KVSharing.from_settings(config.num_layers, cfg_factor, cfg_producers)
+    raise ValueError(
+        f"No CLA sharing configured for this {type(config).__name__}: use "
+        f"megatron_cla.CLATransformerConfig(cla_share_factor=...), pass cla_share_factor to the "
+        f"spec function, or use a spec that reads {ENV_SHARE_FACTOR}."
+    )
+
+
+class CLATransformerLayer(TransformerLayer):
+    """A transformer layer that produces or consumes cross-layer K/V (see module docstring)."""
+
+    def __init__(
+        self,
+        config: Any,
+        submodules: Optional[CLATransformerLayerSubmodules] = None,
+        layer_number: int = 1,
+        hidden_dropout: Optional[float] = None,
+        pg_collection: Any = None,
+        vp_stage: Optional[int] = None,
+        *,
+        cla_share_factor: Optional[int] = None,
+        cla_producer_layers: Optional[Sequence[int]] = None,
+        cla_settings_from_env: bool = False,
+        cla_submodules_factory: Optional[Callable[[Any], CLATransformerLayerSubmodules]] = None,
+        **kwargs: Any,
+    ) -> None:
+        sharing = resolve_sharing(
+            config, cla_share_factor, cla_producer_layers, from_env=cla_settings_from_env
+        )
+        validate_cla_setup(config, sharing)
+        if submodules is None:
+            if cla_submodules_factory is None:
+                raise ValueError("CLATransformerLayer needs submodules or cla_submodules_factory.")
+            submodules = cla_submodules_factory(config)
+        _check_submodules(submodules)
+        number = _compat.global_layer_number(config, layer_number, vp_stage, pg_collection, kwargs)
+        producer = sharing.is_producer(number) or bool(kwargs.get("is_mtp_layer", False))
+        if layer_number == 1 and not producer:
+            raise ValueError(
+                f"Layer {number} is the first layer of its pipeline stage but a CLA consumer of "
+                f"layer {sharing.producer_of(number)}; groups: {sharing.describe()}. Every "
+                f"pipeline stage and virtual chunk must start on a producer."
+            )
+        super().__init__(
+            config,
+            submodules.for_role(producer),
+            layer_number,
+            hidden_dropout,
+            pg_collection,
+            vp_stage,
+            **kwargs,
+        )
+        if self.layer_number != number:
+            raise RuntimeError(
+                f"megatron_cla computed global layer {number} but TransformerLayer has "
+                f"{self.layer_number}: this megatron-core is not supported by _compat."
+            )
+        self.cla_sharing = sharing
+        self.cla_is_producer = producer
+        self.cla_producer_layer = number if producer else sharing.producer_of(number)
+        self.cla_ends_group = bool(kwargs.get("is_mtp_layer")) or sharing.is_last_of_group(number)
+        if sharing.has_consumers:
+            # Megatron's stacked checkpoint layout needs one tensor shape per key across layers;
+            # producers and consumers differ, so store layers under their own keys.
+            config.hetereogenous_dist_checkpoint = True
+
+    def _forward_attention(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Self-attention (+ residual); returns the K/V hand-off for the next layer."""
+        if self.cla_is_producer and self.cla_ends_group:
+            hidden_states, _ = super()._forward_attention(
+                hidden_states, attention_mask, None, *args, **kwargs
+            )
+            return hidden_states, None
+        if self.cla_is_producer:
+            with self.self_attention.capturing_kv():
+                hidden_states, _ = super()._forward_attention(
+                    hidden_states, attention_mask, None, *args, **kwargs
+                )
+            return hidden_states, pack_kv(*self.self_attention.take_captured_kv())
+        key, value = unpack_kv(
+            context, layer_number=self.layer_number, producer_layer=self.cla_producer_layer
+        )
+        with self.self_attention.attending_over(key, value):
+            hidden_states, _ = super()._forward_attention(
+                hidden_states, attention_mask, None, *args, **kwargs
+            )
+        return hidden_states, (None if self.cla_ends_group else context)
+
+
+def _check_submodules(submodules: Any) -> None:
+    if not isinstance(submodules, CLATransformerLayerSubmodules):
+        raise ValueError(
+            f"CLATransformerLayer needs CLATransformerLayerSubmodules, got "
+            f"{type(submodules).__name__}: build the spec with megatron_cla's spec functions."
+        )
+    cross = submodules.cross_attention
+    if cross is not IdentityOp and getattr(cross, "module", None) is not IdentityOp:
+        raise ValueError(
+            f"CLA layers cannot have cross-attention (got {cross!r}): cross-attention uses the "
+            f"same `context` slot that carries CLA's K/V. Use a decoder-only spec."
+        )

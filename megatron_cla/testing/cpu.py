@@ -1,0 +1,203 @@
+"""Run Megatron-Core on a machine without a GPU (CPU tensors, gloo collectives).
+
+Megatron-Core has no CPU mode: it allocates on ``torch.cuda.current_device()``, hard-codes
+``device="cuda"`` in schedules, the optimizer and checkpointing, and keeps its model-parallel RNG
+streams in CUDA generators. :func:`enable_megatron_on_cpu` patches exactly those assumptions, in
+this process only, so that unmodified Megatron-Core code paths (local spec, pipeline schedules,
+DDP, optimizer, ``dist_checkpointing``) run on CPU tensors:
+
+* a :class:`torch.overrides.TorchFunctionMode` that rewrites any CUDA ``device=`` argument,
+  ``Tensor.to("cuda")`` and ``Tensor.cuda()`` to the CPU;
+* ``torch.cuda.current_device``/``device_count``/``synchronize``/streams/events become harmless;
+* the "CUDA" RNG API that Megatron's ``CudaRNGStatesTracker`` uses is routed to the CPU default
+  generator, which is the generator CPU dropout actually draws from. The tracker's fork therefore
+  switches real random streams (tensor-parallel dropout differs across TP ranks, recompute replays
+  the same mask), and its "CPU RNG state changed within GPU RNG context" warning, which is
+  meaningless here, is filtered out.
+
+The patches are process-wide and idempotent. Use them in tests and laptop experiments only; never
+in a process that also drives a real GPU. The mode must be active wherever Megatron code runs;
+``enable_megatron_on_cpu`` enters it for the calling thread and re-enters it inside autograd's
+backward so that recomputation code in backward is covered too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["enable_megatron_on_cpu", "is_megatron_on_cpu_enabled"]
+
+_STATE: dict[str, Any] = {"enabled": False, "mode": None}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # Megatron passes torch.cuda.current_device() (an int) as a device.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites every request for a CUDA device into a request for the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda, torch.Tensor.cpu):
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(torch.device("cpu") if _is_cuda_device(a) else a for a in args)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = torch.device("cpu")
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream``: work is synchronous on the CPU."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any) -> None:
+        pass
+
+    def record_event(self, *args: Any) -> _NullEvent:
+        return _NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _NullEvent:
+    """Stand-in for ``torch.cuda.Event``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def wait(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+class _DropForkWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _cpu_rng_get(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_rng_set(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.device_count = lambda: 1
+    cuda.set_device = lambda *a, **k: None
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.get_rng_state = _cpu_rng_get
+    cuda.set_rng_state = _cpu_rng_set
+    cuda.manual_seed = _cpu_manual_seed
+    # Routing manual_seed_all to torch.manual_seed would recurse (torch.manual_seed calls it).
+    cuda.manual_seed_all = lambda seed: None
+    cuda.random.get_rng_state = _cpu_rng_get
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _cpu_rng_get
+    mrandom._set_cuda_rng_state = _cpu_rng_set
+    logging.getLogger(mrandom.__name__).addFilter(_DropForkWarning())
+
+
+def _reenter_mode_in_backward() -> None:
+    """Autograd runs backward outside the caller's function-mode stack: wrap its entry points."""
+    original_run_backward = torch.autograd.graph._engine_run_backward
+
+    @functools.wraps(original_run_backward)
+    def run_backward(*args: Any, **kwargs: Any) -> Any:
+        with _enter_mode_if_inactive():
+            return original_run_backward(*args, **kwargs)
+
+    torch.autograd.graph._engine_run_backward = run_backward
+    torch.autograd._engine_run_backward = run_backward  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _enter_mode_if_inactive():
+    from torch.overrides import _get_current_function_mode_stack
+
+    if any(isinstance(m, _CudaToCpuMode) for m in _get_current_function_mode_stack()):
+        yield
+        return
+    with _CudaToCpuMode():
+        yield
+
+
+def is_megatron_on_cpu_enabled() -> bool:
+    """Whether :func:`enable_megatron_on_cpu` has run in this process."""
+    return bool(_STATE["enabled"])
+
+
+def enable_megatron_on_cpu() -> None:
+    """Patch this process so that Megatron-Core runs on CPU tensors (idempotent).
+
+    Raises:
+        RuntimeError: if CUDA is available: the patches would silently move a GPU job to the CPU.
+    """
+    if _STATE["enabled"]:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "enable_megatron_on_cpu() refuses to run where CUDA is available: it would move "
+            "Megatron's GPU work to the CPU. Run GPU tests without it."
+        )
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    _reenter_mode_in_backward()
+    mode = _CudaToCpuMode()
+    mode.__enter__()
+    _STATE.update(enabled=True, mode=mode)

@@ -1,0 +1,31 @@
+"""Test setup: CPU/gloo harness where no GPU exists; one in-process rank for single-rank tests."""
+
+import pytest
+import torch
+
+from megatron_cla.testing import enable_megatron_on_cpu, init_process_group_once, model_parallel
+
+if not torch.cuda.is_available():
+    enable_megatron_on_cpu()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped on machines without a GPU")
+    config.addinivalue_line("markers", "distributed: spawns several ranks")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def single_rank():
+    """A one-rank world with TP=PP=1 Megatron parallel state, torn down after the test."""
+    init_process_group_once()
+    with model_parallel():
+        yield

@@ -1,0 +1,107 @@
+"""Tiny models, batches and comparisons shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_cla import CLATransformerConfig, get_cla_decoder_block_spec
+from megatron_cla.testing import device
+
+VOCAB = 96
+SEQ = 16
+BATCH = 2
+
+
+def tiny_config(**overrides: Any) -> CLATransformerConfig:
+    """A 6-layer, hidden-64 config (MQA by default) that runs in milliseconds on a CPU."""
+    settings: dict[str, Any] = dict(
+        num_layers=6,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=1,
+        kv_channels=16,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+    )
+    settings.update(overrides)
+    return CLATransformerConfig(**settings)
+
+
+def build_gpt(config: Any, spec: Any, seed: int = 7, **kwargs: Any) -> GPTModel:
+    """GPTModel with RoPE; parameters and dropout streams drawn from ``seed``."""
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        **kwargs,
+    )
+    return model.to(device())
+
+
+def make_batch(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> dict[str, torch.Tensor]:
+    """Random tokens with next-token labels, positions and an explicit causal mask."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, VOCAB, (batch, seq + 1), generator=g)
+    return {
+        "tokens": data[:, :-1].to(device()),
+        "labels": data[:, 1:].to(device()),
+        "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, -1).to(device()),
+        "attention_mask": torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1).to(device()),
+    }
+
+
+def forward_loss(model: GPTModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean per-token cross entropy of a GPTModel."""
+    per_token = model(
+        batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+    )
+    return per_token.float().mean()
+
+
+def loss_and_grads(
+    model: GPTModel, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and every parameter's gradient (by name) after one backward pass."""
+    model.zero_grad(set_to_none=True)
+    loss = forward_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    return loss.detach(), grads
+
+
+def assert_grads_equal(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: Optional[float] = None
+) -> None:
+    """Same names; bitwise equal (atol None) or within ``atol`` relative to each tensor's scale."""
+    assert sorted(got) == sorted(want)
+    bad = []
+    for name, g in got.items():
+        w = want[name]
+        if atol is None:
+            ok = torch.equal(g, w)
+        else:
+            ok = torch.allclose(g, w, rtol=0, atol=atol * max(1.0, w.abs().max().item()))
+        if not ok:
+            bad.append(f"{name}: max|diff|={(g - w).abs().max().item():.3e}")
+    assert not bad, "gradients differ:\n" + "\n".join(bad)
+
+
+def build_cla_gpt(config: Any, seed: int = 7, **kwargs: Any) -> GPTModel:
+    """GPTModel with the local-backend CLA block spec of ``config``."""
+    spec = get_cla_decoder_block_spec(config, use_transformer_engine=False)
+    return build_gpt(config, spec, seed=seed, **kwargs)

@@ -1,0 +1,92 @@
+"""Producer/consumer structure, parameter names, and the no-fallback guarantee."""
+
+import pytest
+import torch
+
+from megatron_cla import (
+    CLAConsumerAttention,
+    CLAProducerAttention,
+)
+from tests.helpers import SEQ, build_cla_gpt, make_batch, tiny_config
+
+
+def _model(**overrides):
+    config = tiny_config(**overrides)
+    return config, build_cla_gpt(config)
+
+
+SHARINGS = [
+    dict(cla_share_factor=2),
+    dict(cla_share_factor=3),
+    dict(cla_producer_layers=[1, 2, 4, 6]),
+]
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+def test_roles_follow_sharing(single_rank, sharing):
+    config, model = _model(**sharing)
+    producers = set(config.cla_sharing.producer_layers)
+    for layer in model.decoder.layers:
+        attn = layer.self_attention
+        if layer.layer_number in producers:
+            assert type(attn) is CLAProducerAttention and layer.cla_is_producer
+        else:
+            assert type(attn) is CLAConsumerAttention and not layer.cla_is_producer
+            assert layer.cla_producer_layer == max(p for p in producers if p < layer.layer_number)
+
+
+def test_consumers_own_no_kv_parameters(single_rank):
+    config, model = _model(
+        cla_share_factor=2, num_query_groups=2, qk_layernorm=True, normalization="LayerNorm"
+    )
+    hn, heads, hidden = config.kv_channels, config.num_attention_heads, config.hidden_size
+    for layer in model.decoder.layers:
+        names = {n: p.shape for n, p in layer.self_attention.named_parameters()}
+        if layer.cla_is_producer:
+            qkv = (heads + 2 * config.num_query_groups) * hn
+            assert names["linear_qkv.weight"] == (qkv, hidden)
+            assert "k_layernorm.weight" in names
+        else:
+            assert names["linear_q.weight"] == (heads * hn, hidden)  # heads contiguous
+            assert not any(
+                ("linear_qkv" in n or "linear_kv" in n or "k_layernorm" in n) for n in names
+            ), names
+            assert "q_layernorm.weight" in names
+
+
+def test_consumer_params_are_fewer(single_rank):
+    _, dense = _model(cla_share_factor=1)
+    _, cla2 = _model(cla_share_factor=2)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # 3 consumers each drop 2 * (ng * hn) * hidden K/V weights and 2 * ng * hn biases
+    assert count(dense) - count(cla2) == 3 * (2 * 16 * 64 + 2 * 16)
+
+
+def test_consumer_without_producer_kv_raises(single_rank):
+    _, model = _model(cla_share_factor=2)
+    consumer = model.decoder.layers[1]
+    hidden = torch.randn(SEQ, 2, 64, device=model.embedding.word_embeddings.weight.device)
+    mask = make_batch()["attention_mask"]
+    with pytest.raises(RuntimeError, match="consumer layer 2 needs the K/V of its producer"):
+        consumer(hidden_states=hidden, attention_mask=mask, context=None)
+    with pytest.raises(RuntimeError, match="received a Tensor of shape"):
+        consumer(hidden_states=hidden, attention_mask=mask, context=torch.zeros(SEQ, 2, 64))
+
+
+def test_consumer_attention_alone_raises_without_kv(single_rank):
+    _, model = _model(cla_share_factor=2)
+    attn = model.decoder.layers[1].self_attention
+    with pytest.raises(RuntimeError, match="called without its producer's K/V"):
+        attn(torch.randn(SEQ, 2, 64), attention_mask=make_batch()["attention_mask"])
+
+
+def test_handoff_ends_with_each_group(single_rank):
+    config, model = _model(cla_share_factor=3)  # groups [1 2 3] [4 5 6]
+    assert [layer.cla_ends_group for layer in model.decoder.layers] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
