@@ -7,7 +7,8 @@ this process only, so that unmodified Megatron-Core code paths (local spec, pipe
 DDP, optimizer, ``dist_checkpointing``) run on CPU tensors:
 
 * a :class:`torch.overrides.TorchFunctionMode` that rewrites any CUDA ``device=`` argument,
-  ``Tensor.to("cuda")`` and ``Tensor.cuda()`` to the CPU;
+  ``Tensor.to("cuda")`` and ``Tensor.cuda()`` to the CPU, and reports CUDA type names from
+  ``Tensor.type()`` (Megatron's optimizer asserts them);
 * ``torch.cuda.current_device``/``device_count``/``synchronize``/streams/events become harmless;
 * the "CUDA" RNG API that Megatron's ``CudaRNGStatesTracker`` uses is routed to the CPU default
   generator, which is the generator CPU dropout actually draws from. The tracker's fork therefore
@@ -52,6 +53,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.cuda, torch.Tensor.cpu):
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron asserts e.g. `param.grad.type() == 'torch.cuda.FloatTensor'`.
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.to:
             args = tuple(torch.device("cpu") if _is_cuda_device(a) else a for a in args)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
