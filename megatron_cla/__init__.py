@@ -14,6 +14,8 @@ from megatron_cla.config import CLATransformerConfig
 from megatron_cla.layer import CLATransformerLayer, CLATransformerLayerSubmodules
 from megatron_cla.sharing import KVSharing
 from megatron_cla.specs import (
+    cla_block_spec_local,
+    cla_block_spec_te,
     cla_layer_spec_from_stock,
     get_cla_decoder_block_spec,
     get_cla_decoder_layer_specs,
@@ -31,6 +33,8 @@ __all__ = [
     "CLATransformerLayer",
     "CLATransformerLayerSubmodules",
     "KVSharing",
+    "cla_block_spec_local",
+    "cla_block_spec_te",
     "cla_layer_spec_from_stock",
     "get_cla_decoder_block_spec",
     "get_cla_decoder_layer_specs",

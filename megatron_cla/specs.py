@@ -19,6 +19,7 @@ Use them three ways:
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Optional, Sequence
 
 from megatron.core.models.gpt import gpt_layer_specs
@@ -42,6 +43,8 @@ __all__ = [
     "get_gpt_layer_with_cla_transformer_engine_spec",
     "get_cla_decoder_layer_specs",
     "get_cla_decoder_block_spec",
+    "cla_block_spec_local",
+    "cla_block_spec_te",
 ]
 
 
@@ -182,3 +185,10 @@ def get_cla_decoder_block_spec(
         layer_specs=[cla_layer_spec_from_stock(spec) for spec in stock.layer_specs],
         layer_norm=stock.layer_norm,
     )
+
+
+cla_block_spec_local = partial(get_cla_decoder_block_spec, use_transformer_engine=False)
+"""Megatron-Bridge / NeMo spec callable ``(config, vp_stage=None)``, local backend."""
+
+cla_block_spec_te = partial(get_cla_decoder_block_spec, use_transformer_engine=True)
+"""Megatron-Bridge / NeMo spec callable ``(config, vp_stage=None)``, Transformer Engine backend."""
