@@ -1,0 +1,41 @@
+"""The benchmark script runs end to end (tiny sizes) and reports its ratios."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_time_benchmark_runs(tmp_path):
+    out = tmp_path / "result.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "cla_step_time.py"),
+        "--hidden",
+        "64",
+        "--layers",
+        "4",
+        "--heads",
+        "4",
+        "--seq",
+        "32",
+        "--batch",
+        "2",
+        "--vocab",
+        "128",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CLA2/S=1 step time" in proc.stdout and "S=1/stock step time" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["ratios"]["CLA2/S=1 KV bytes/token"] == 0.5
+    assert result["rows"]["S=1"]["params"] == result["rows"]["stock"]["params"]
+    assert result["rows"]["CLA2"]["params"] < result["rows"]["S=1"]["params"]
