@@ -22,3 +22,15 @@ def fail_on_rank_one() -> int:
 
 def hang() -> None:
     time.sleep(600)
+
+
+_MANAGER = None
+
+
+def start_helper_process() -> int:
+    """Start a long-lived multiprocessing helper, as dist-checkpointing's writer does."""
+    global _MANAGER
+    import multiprocessing
+
+    _MANAGER = multiprocessing.get_context("spawn").Manager()
+    return _MANAGER._process.pid

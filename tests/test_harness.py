@@ -38,6 +38,14 @@ def test_hanging_rank_times_out_and_is_killed():
     assert _children() == []
 
 
+def test_helpers_started_by_ranks_do_not_outlive_them():
+    pids = run_on_ranks(harness_worker.start_helper_process, 2)
+    gone, alive = psutil.wait_procs(
+        [psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10
+    )
+    assert not alive, f"helper processes left behind: {alive}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patches are for GPU-less machines")
 def test_cpu_patches_redirect_cuda_requests():
     assert is_megatron_on_cpu_enabled()

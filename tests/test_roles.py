@@ -90,3 +90,24 @@ def test_handoff_ends_with_each_group(single_rank):
         False,
         True,
     ]
+
+
+def test_stock_weights_load_into_producers(single_rank):
+    """Producers keep the stock layout: a stock (S = 1) state dict loads into every producer, and
+    only the consumers' query projections are left to initialise."""
+    _, stock = _model(cla_share_factor=1)
+    _, cla2 = _model(cla_share_factor=2)
+    state = {
+        k: v
+        for k, v in stock.state_dict().items()
+        if "linear_qkv" not in k or int(k.split(".")[2]) % 2 == 0
+    }  # drop K/V weights of the consumer layers 2, 4, 6
+    result = cla2.load_state_dict(state, strict=False)
+    assert sorted(k for k in result.missing_keys if not k.endswith("_extra_state")) == [
+        f"decoder.layers.{i}.self_attention.linear_q.{w}"
+        for i in (1, 3, 5)
+        for w in ("bias", "weight")
+    ]
+    for i in (0, 2, 4):
+        key = f"decoder.layers.{i}.self_attention.linear_qkv.weight"
+        assert torch.equal(cla2.state_dict()[key], stock.state_dict()[key])

@@ -144,12 +144,41 @@ def run_on_ranks(
         for p in procs:
             p.start()
         try:
-            return _collect(procs, results, world_size, timeout)
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                p.join(timeout=10)
+            values = _collect(procs, results, world_size, timeout)
+        except BaseException:
+            _kill_trees(procs)
+            raise
+        # Let ranks finish their own shutdown (process-group teardown, atexit handlers that stop
+        # helpers such as dist-checkpointing's multiprocessing manager); kill only stragglers.
+        deadline = time.monotonic() + 60
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        _kill_trees(procs)
+        return values
+
+
+def _kill_trees(procs: list) -> None:
+    """SIGKILL every rank still alive together with all of its descendants."""
+    import psutil
+
+    victims = []
+    for p in procs:
+        if p.pid is None:
+            continue
+        try:
+            rank = psutil.Process(p.pid)
+            victims.extend(rank.children(recursive=True))
+            victims.append(rank)
+        except psutil.NoSuchProcess:
+            continue
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+    for p in procs:
+        p.join(timeout=10)
 
 
 def _collect(procs: list, results: mp.Queue, world_size: int, timeout: float) -> list[Any]:
