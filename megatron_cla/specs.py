@@ -143,16 +143,18 @@ def get_gpt_layer_with_cla_transformer_engine_spec(
     return cla_layer_spec_from_stock(stock, **params)
 
 
+def _checked_block_options(config: Any, use_transformer_engine: bool) -> dict[str, Any]:
+    """Validate the CLA setup; the options Megatron's block-spec functions take from it."""
+    if use_transformer_engine:
+        require_transformer_engine("CLA block specs with use_transformer_engine=True")
+    validate_cla_setup(config, resolve_sharing(config))
+    return dict(normalization=config.normalization, qk_l2_norm=config.qk_l2_norm)
+
+
 def get_cla_decoder_layer_specs(config: Any, *, use_transformer_engine: bool) -> list[ModuleSpec]:
     """One CLA layer spec per decoder layer of ``config`` (MoE layer pattern included)."""
-    if use_transformer_engine:
-        require_transformer_engine("get_cla_decoder_layer_specs(use_transformer_engine=True)")
-    validate_cla_setup(config, resolve_sharing(config))
     stock = gpt_layer_specs.get_gpt_decoder_layer_specs(
-        config,
-        use_transformer_engine,
-        normalization=config.normalization,
-        qk_l2_norm=config.qk_l2_norm,
+        config, use_transformer_engine, **_checked_block_options(config, use_transformer_engine)
     )
     return [cla_layer_spec_from_stock(spec) for spec in stock]
 
@@ -170,16 +172,12 @@ def get_cla_decoder_block_spec(
     ``cla_share_factor``/``cla_producer_layers``). Invalid settings and pipeline splits that start a
     chunk on a consumer raise ``ValueError`` here, before the model is built.
     """
-    if use_transformer_engine:
-        require_transformer_engine("get_cla_decoder_block_spec(use_transformer_engine=True)")
-    validate_cla_setup(config, resolve_sharing(config))
     stock = gpt_layer_specs.get_gpt_decoder_block_spec(
         config,
         use_transformer_engine,
-        normalization=config.normalization,
-        qk_l2_norm=config.qk_l2_norm,
         vp_stage=vp_stage,
         pp_rank=pp_rank,
+        **_checked_block_options(config, use_transformer_engine),
     )
     return TransformerBlockSubmodules(
         layer_specs=[cla_layer_spec_from_stock(spec) for spec in stock.layer_specs],

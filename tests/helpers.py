@@ -16,24 +16,26 @@ SEQ = 16
 BATCH = 2
 
 
+TINY_SETTINGS: dict[str, Any] = dict(
+    num_layers=6,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=1,
+    kv_channels=16,
+    normalization="RMSNorm",
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    use_cpu_initialization=True,
+    params_dtype=torch.float32,
+    pipeline_dtype=torch.float32,
+)
+"""A 6-layer, hidden-64 model (MQA by default) that runs in milliseconds on a CPU."""
+
+
 def tiny_config(**overrides: Any) -> CLATransformerConfig:
-    """A 6-layer, hidden-64 config (MQA by default) that runs in milliseconds on a CPU."""
-    settings: dict[str, Any] = dict(
-        num_layers=6,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=1,
-        kv_channels=16,
-        normalization="RMSNorm",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-    )
-    settings.update(overrides)
-    return CLATransformerConfig(**settings)
+    """``CLATransformerConfig`` of :data:`TINY_SETTINGS` with ``overrides``."""
+    return CLATransformerConfig(**{**TINY_SETTINGS, **overrides})
 
 
 def build_gpt(config: Any, spec: Any, seed: int = 7, **kwargs: Any) -> GPTModel:

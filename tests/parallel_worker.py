@@ -15,15 +15,14 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_cla import get_cla_decoder_block_spec
-from megatron_cla.testing import device, model_parallel
+from megatron_cla.testing import model_parallel
 from megatron_cla.testing.norms import with_norm
 from megatron_cla.testing.sharding import collect_shards, fill_from_global
-from tests.helpers import SEQ, VOCAB, make_batch, tiny_config
+from tests.helpers import SEQ, build_gpt, make_batch, tiny_config
 
 MICRO_BATCH = 2
 NUM_MICROBATCHES = 4  # global batch 8 sequences; divisible by PP and DP sizes used in tests
@@ -37,17 +36,14 @@ def _build_chunks(config: Any, sequence_parallel_norms: bool) -> list[torch.nn.M
         spec = get_cla_decoder_block_spec(config, use_transformer_engine=False, vp_stage=stage)
         if sequence_parallel_norms:
             spec = with_norm(spec)
-        model = GPTModel(
+        model = build_gpt(
             config,
             spec,
-            vocab_size=VOCAB,
-            max_sequence_length=SEQ,
-            position_embedding_type="rope",
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage,
-        ).to(device())
-        chunks.append(model)
+        )
+        chunks.append(model)  # weights are overwritten by fill_from_global
     return chunks
 
 

@@ -18,6 +18,7 @@ from megatron_cla import (
 from megatron_cla._compat import transformer_engine_available
 from megatron_cla.layer import ENV_PRODUCER_LAYERS, ENV_SHARE_FACTOR
 from tests.helpers import (
+    TINY_SETTINGS,
     assert_grads_equal,
     build_cla_gpt,
     build_gpt,
@@ -26,18 +27,7 @@ from tests.helpers import (
     tiny_config,
 )
 
-PLAIN = dict(
-    num_layers=6,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    num_query_groups=1,
-    kv_channels=16,
-    normalization="RMSNorm",
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    use_cpu_initialization=True,
-)
+PLAIN = {k: v for k, v in TINY_SETTINGS.items() if k != "pipeline_dtype"}
 
 
 def _pretrain_gpt_spec(attr: str):
