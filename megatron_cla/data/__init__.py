@@ -1,0 +1,1 @@
+"""Data: the embedded default corpus, SentencePiece tokenizers and Megatron indexed datasets."""
