@@ -1,0 +1,194 @@
+"""Pretrain a CLA GPT with Megatron-Core: ``python -m megatron_cla.pretrain --config X.yaml [k=v]``.
+
+Run it directly (one process; CPU or one GPU) or under ``torchrun`` (any number of processes and
+nodes; see ``launch/``). NCCL is used on GPUs and gloo on CPUs. The config is validated against
+the world size before anything is allocated; the data directory is prepared from the embedded
+corpus (or ``data.inputs``) when it does not exist; the run resumes from its newest complete
+checkpoint unless ``checkpoint.resume=false``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_cla.accounting import DecoderShape, kv_cache_bytes_per_token
+from megatron_cla.sharing import KVSharing
+from megatron_cla.training.config import PretrainConfig, load_config
+from megatron_cla.training.plan import RunPlan, make_plan
+
+__all__ = ["main", "run_pretraining"]
+
+
+def _init_distributed(on_gpu: bool) -> None:
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    else:
+        from megatron_cla.testing.cpu import enable_megatron_on_cpu
+
+        enable_megatron_on_cpu()
+    backend = "nccl" if on_gpu else "gloo"
+    if "RANK" in os.environ:  # torchrun / srun with the env:// rendezvous variables
+        dist.init_process_group(backend)
+    else:
+        store = dist.FileStore(tempfile.mkstemp(prefix="megatron_cla_")[1], 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+
+
+def _prepare_data(cfg: PretrainConfig) -> Path:
+    from megatron_cla.data.corpus import EMBEDDED_CORPUS
+    from megatron_cla.data.prepare import prepare
+
+    directory = Path(cfg.data.dir)
+    if dist.get_rank() == 0 and not (directory / "manifest.json").is_file():
+        inputs = [Path(p) for p in cfg.data.inputs] or [EMBEDDED_CORPUS]
+        print(f"preparing data in {directory} from {[str(p) for p in inputs]}", flush=True)
+        prepare(inputs, directory, cfg.data.vocab_size, cfg.data.valid_percent)
+    dist.barrier()
+    return directory
+
+
+def _datasets(plan: RunPlan, directory: Path):
+    from megatron_cla.data.datasets import DataFiles, build_gpt_datasets
+    from megatron_cla.data.tokenizer import load_tokenizer
+
+    cfg = plan.config
+    files = DataFiles.from_dir(directory)
+    tokenizer = load_tokenizer(files.tokenizer)
+    train_samples = cfg.train.train_iters * cfg.train.global_batch_size
+    result = None
+    for builder_pass in (0, 1):  # rank 0 writes the index cache first, the others then read it
+        if (dist.get_rank() == 0) == (builder_pass == 0):
+            result = build_gpt_datasets(
+                files,
+                tokenizer,
+                cfg.model.seq_length,
+                cfg.data.seed,
+                train_samples,
+                None,
+                directory / "cache",
+            )
+        dist.barrier()
+    return tokenizer, result
+
+
+def _kv_bytes(plan: RunPlan) -> tuple[int, int]:
+    shape = DecoderShape.from_config(plan.transformer, plan.transformer.cla_sharing)
+    dense = DecoderShape.from_config(plan.transformer, KVSharing.uniform(shape.num_layers, 1))
+    return kv_cache_bytes_per_token(shape), kv_cache_bytes_per_token(dense)
+
+
+def _count_parameters(chunks: list) -> int:
+    from megatron.core import parallel_state as ps
+
+    local = torch.tensor(
+        [float(sum(p.numel() for c in chunks for p in c.parameters()))],
+        device=next(chunks[0].parameters()).device,
+    )
+    dist.all_reduce(local, group=ps.get_model_parallel_group())
+    return int(local.item())
+
+
+def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
+    """Run a whole pretraining job in this (already launched) process; returns final val ppl."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_cla.training.batches import BatchStream
+    from megatron_cla.training.checkpoint import Checkpointer, TrainState
+    from megatron_cla.training.loop import Run, train
+    from megatron_cla.training.metrics import RunReporter
+    from megatron_cla.training.model import build_model, build_optimizer, build_scheduler
+
+    on_gpu = torch.cuda.is_available()
+    plan = make_plan(cfg, int(os.environ.get("WORLD_SIZE", 1)), on_gpu)  # before any allocation
+    _init_distributed(on_gpu)
+    p = cfg.parallel
+    ps.initialize_model_parallel(
+        p.tensor, p.pipeline, p.virtual_pipeline, context_parallel_size=p.context
+    )
+    model_parallel_cuda_manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    run_dir = Path(cfg.logging.run_dir)
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    tokenizer, (train_set, valid_set) = _datasets(plan, _prepare_data(cfg))
+    chunks = build_model(plan, tokenizer.vocab_size)
+    optimizer = build_optimizer(plan, chunks)
+    scheduler = build_scheduler(plan, optimizer)
+    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep)
+    state = TrainState()
+    complete = checkpointer.complete_iterations() if cfg.checkpoint.resume else []
+    if cfg.checkpoint.load_iteration is not None or complete:
+        iteration = cfg.checkpoint.load_iteration or complete[-1]
+        state = checkpointer.load(iteration, chunks, optimizer, scheduler)
+    device = next(chunks[0].parameters()).device
+    dp, dp_rank = plan.data_parallel, ps.get_data_parallel_rank()
+    stream = BatchStream(
+        train_set, cfg.train.micro_batch_size, dp, dp_rank, device, state.consumed_samples
+    )
+    valid = BatchStream(valid_set, cfg.train.micro_batch_size, dp, dp_rank, device)
+    eval_batches = [valid.step(plan.num_microbatches) for _ in range(cfg.logging.eval_iters)]
+    reporter = RunReporter(
+        run_dir,
+        cfg.train.train_iters,
+        plan.tokens_per_step,
+        _kv_bytes(plan),
+        cfg.logging.tensorboard,
+        cfg.logging.progress_bar,
+        cfg.logging.log_interval,
+    )
+    params = _count_parameters(chunks)
+    reporter.print(
+        f"{cfg.name}: {params:,} parameters | CLA groups {plan.transformer.cla_sharing.describe()}"
+        f" | world {plan.world_size} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP "
+        f"{dp} | {plan.num_microbatches} microbatches/step | {plan.dtype} on "
+        f"{'GPU' if on_gpu else 'CPU'} | {'TE' if plan.use_transformer_engine else 'local'} spec"
+        + (f" | resumed from step {state.iteration}" if state.iteration else "")
+    )
+    run = Run(
+        plan, chunks, optimizer, scheduler, stream, eval_batches, checkpointer, reporter, state
+    )
+    val_ppl = train(run)
+    reporter.summary(cfg.name, run.state.iteration, val_ppl, params)
+    dist.barrier()
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    return val_ppl
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_cla.pretrain", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (configs/*.yaml); default: built-in tiny defaults",
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        make_plan(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail fast, before any import cost
+    except ValueError as err:
+        sys.exit(f"invalid configuration: {err}")
+    run_pretraining(cfg)
+
+
+if __name__ == "__main__":
+    main()

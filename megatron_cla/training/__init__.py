@@ -1,0 +1,1 @@
+"""Pretraining launcher internals (config, plan, model, data stream, loop, checkpoints, metrics)."""

@@ -1,0 +1,137 @@
+"""The training loop: Megatron's pipeline schedules, optimizer step, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_cla.training.batches import BatchStream, forward_step
+from megatron_cla.training.checkpoint import Checkpointer, TrainState
+from megatron_cla.training.metrics import RunReporter
+from megatron_cla.training.plan import RunPlan
+
+__all__ = ["Run", "train"]
+
+
+@dataclass
+class Run:
+    """The live objects of a run."""
+
+    plan: RunPlan
+    chunks: list
+    optimizer: Any
+    scheduler: Any
+    train_stream: BatchStream
+    eval_batches: list
+    checkpointer: Optional[Checkpointer]
+    reporter: RunReporter
+    state: TrainState
+
+
+def _schedule(run: Run, batches: list, forward_only: bool) -> list[dict]:
+    chunks = run.chunks
+    iterators = [iter(batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=run.plan.config.model.seq_length,
+        micro_batch_size=run.plan.config.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _mean_loss(reports: list[dict]) -> float:
+    """Token-weighted mean loss over microbatches and data-parallel ranks, known on every rank."""
+    totals = torch.zeros(2, dtype=torch.float64, device=_device())
+    for report in reports:
+        totals += report["loss_sum_and_tokens"].to(totals)
+    # Only the last pipeline stage computed losses: sum over DP ranks and over PP stages.
+    dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+    dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def evaluate(run: Run) -> float:
+    """Mean validation loss over the fixed held-out batches."""
+    for chunk in run.chunks:
+        chunk.eval()
+    reports: list[dict] = []
+    with torch.no_grad():
+        for batches in run.eval_batches:
+            reports.extend(_schedule(run, batches, forward_only=True))
+    for chunk in run.chunks:
+        chunk.train()
+    return _mean_loss(reports)
+
+
+def _train_step(run: Run) -> tuple[float, Optional[float]]:
+    for chunk in run.chunks:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    reports = _schedule(run, run.train_stream.step(run.plan.num_microbatches), False)
+    updated, grad_norm, _ = run.optimizer.step()
+    if updated:
+        run.scheduler.step(increment=run.plan.config.train.global_batch_size)
+    run.state.iteration += 1
+    run.state.consumed_samples = run.train_stream.consumed_samples
+    return _mean_loss(reports), (None if grad_norm is None else float(grad_norm))
+
+
+def _due(step: int, interval: int, last: int) -> bool:
+    return step == last or (interval > 0 and step % interval == 0)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT (e.g. SLURM preemption) -> checkpoint at the next step boundary, exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([float(self.requested)], device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(run: Run) -> Optional[float]:
+    """Train to ``train.train_iters``; returns the final validation perplexity."""
+    cfg = run.plan.config
+    last, val_ppl, stop = cfg.train.train_iters, None, _StopRequest()
+    config_dict = asdict(cfg)
+    while run.state.iteration < last:
+        loss, grad_norm = _train_step(run)
+        step = run.state.iteration
+        run.reporter.step(step, loss, run.optimizer.param_groups[0]["lr"], grad_norm)
+        if _due(step, cfg.logging.eval_interval, last):
+            val_ppl = run.reporter.evaluation(step, evaluate(run))
+        stopping = stop.agreed()
+        if run.checkpointer is not None and (
+            _due(step, cfg.checkpoint.save_interval, last) or stopping
+        ):
+            path = run.checkpointer.save(
+                run.state, run.chunks, run.optimizer, run.scheduler, config_dict
+            )
+            run.reporter.print(f"step {step} | saved checkpoint {path}")
+        if stopping:
+            run.reporter.print(f"step {step} | stop requested: checkpoint saved, exiting")
+            break
+    return val_ppl

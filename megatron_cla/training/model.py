@@ -1,0 +1,112 @@
+"""Model chunks, optimizer and LR scheduler of a run, from Megatron-Core's own building blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_cla.specs import get_cla_decoder_block_spec
+from megatron_cla.training.plan import RunPlan
+
+__all__ = ["padded_vocab_size", "build_model", "build_optimizer", "build_scheduler", "unwrap"]
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
+    """Megatron's padding: a multiple of ``multiple x tensor_parallel`` (even vocab shards)."""
+    step = multiple * tensor_parallel
+    return -(-vocab_size // step) * step
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_model(plan: RunPlan, vocab_size: int) -> list[torch.nn.Module]:
+    """DDP-wrapped GPT chunks (one per virtual pipeline stage) of this rank."""
+    m, p = plan.config.model, plan.config.parallel
+    chunks = []
+    for vp_stage in range(p.virtual_pipeline or 1):
+        stage = vp_stage if p.virtual_pipeline is not None else None
+        spec = get_cla_decoder_block_spec(
+            plan.transformer, use_transformer_engine=plan.use_transformer_engine, vp_stage=stage
+        )
+        model: torch.nn.Module = GPTModel(
+            plan.transformer,
+            spec,
+            vocab_size=padded_vocab_size(vocab_size, p.tensor),
+            max_sequence_length=m.seq_length,
+            position_embedding_type="rope",
+            rotary_base=m.rotary_base,
+            share_embeddings_and_output_weights=not m.untie_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        ).to(_device())
+        if plan.dtype != torch.float32:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(plan.transformer, model)
+        chunks.append(model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=p.distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(plan.transformer, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def unwrap(chunk: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def build_optimizer(plan: RunPlan, chunks: list[torch.nn.Module]) -> Any:
+    """Megatron's optimizer (Adam with decoupled weight decay, grad clipping, mixed precision)."""
+    t = plan.config.train
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=plan.dtype == torch.bfloat16,
+        fp16=plan.dtype == torch.float16,
+        params_dtype=plan.dtype,
+        use_distributed_optimizer=plan.config.parallel.distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def build_scheduler(plan: RunPlan, optimizer: Any) -> OptimizerParamScheduler:
+    """Linear warm-up then cosine/linear decay, counted in samples as Megatron does."""
+    t = plan.config.train
+    samples = t.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr if t.lr_decay_style != "constant" else t.lr,
+        lr_warmup_steps=t.warmup_iters * samples,
+        lr_decay_steps=t.train_iters * samples,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.train_iters * samples,
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,208 @@
+"""Everything a run derives from its config, validated before any memory is allocated.
+
+:func:`make_plan` checks the config against the world size and the machine (GPU or not,
+Transformer Engine or not), derives the data-parallel size, microbatch count, precision and
+backend, and builds the ``CLATransformerConfig`` (whose own validation rejects invalid CLA
+settings and pipeline splits). Every problem is a ``ValueError`` naming the values and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_cla._compat import transformer_engine_available
+from megatron_cla.config import CLATransformerConfig
+from megatron_cla.training.config import PretrainConfig
+
+__all__ = ["RunPlan", "make_plan"]
+
+
+@dataclass
+class RunPlan:
+    """Derived settings of a run."""
+
+    config: PretrainConfig
+    world_size: int
+    data_parallel: int
+    num_microbatches: int
+    dtype: torch.dtype
+    use_transformer_engine: bool
+    on_gpu: bool
+    transformer: CLATransformerConfig
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens consumed by one optimizer step."""
+        return self.config.train.global_batch_size * self.config.model.seq_length
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _dtype(precision: str, on_gpu: bool) -> torch.dtype:
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    _require(precision in choices, f"train.precision={precision!r}: use auto, fp32, bf16 or fp16")
+    _require(
+        on_gpu or precision == "fp32",
+        f"train.precision={precision!r} on a CPU: use fp32 (CPU bf16 is >10x slower here)",
+    )
+    return choices[precision]
+
+
+def _use_te(setting: str, on_gpu: bool) -> bool:
+    _require(
+        setting in ("auto", "on", "off"),
+        f"train.transformer_engine={setting!r}: use auto, on or off",
+    )
+    available = transformer_engine_available() and on_gpu
+    if setting == "on":
+        _require(
+            available,
+            "train.transformer_engine=on needs a GPU and the transformer_engine "
+            "package (pip install megatron-cla[te]); use auto or off",
+        )
+    return available if setting == "auto" else setting == "on"
+
+
+def _parallel_sizes(cfg: PretrainConfig, world_size: int) -> tuple[int, int]:
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tensor * p.pipeline * p.context
+    _require(
+        world_size % model_parallel == 0,
+        f"world size {world_size} is not divisible by tensor x pipeline x context = "
+        f"{p.tensor} x {p.pipeline} x {p.context}; launch a multiple of {model_parallel} ranks",
+    )
+    dp = world_size // model_parallel
+    per_step = t.micro_batch_size * dp
+    _require(
+        t.global_batch_size % per_step == 0,
+        f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+        f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {per_step}",
+    )
+    microbatches = t.global_batch_size // per_step
+    if p.virtual_pipeline is not None:
+        _require(
+            microbatches % p.pipeline == 0,
+            f"interleaved pipelines need the microbatch count ({microbatches}) to be a "
+            f"multiple of parallel.pipeline={p.pipeline}; raise train.global_batch_size",
+        )
+    return dp, microbatches
+
+
+def _ffn(model: Any) -> int:
+    if model.ffn_hidden_size is not None:
+        return model.ffn_hidden_size
+    if model.swiglu:
+        return 64 * ((8 * model.hidden_size // 3 + 63) // 64)
+    return 4 * model.hidden_size
+
+
+def _transformer_config(
+    cfg: PretrainConfig, dtype: torch.dtype, use_te: bool, on_gpu: bool
+) -> CLATransformerConfig:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    _require(
+        m.hidden_size % m.num_attention_heads == 0 or m.head_dim is not None,
+        f"model.hidden_size={m.hidden_size} is not divisible by num_attention_heads="
+        f"{m.num_attention_heads}; set model.head_dim",
+    )
+    _require(
+        m.num_attention_heads % m.num_query_groups == 0,
+        f"model.num_attention_heads={m.num_attention_heads} must be a multiple of "
+        f"num_query_groups={m.num_query_groups}",
+    )
+    _require(
+        m.num_attention_heads % p.tensor == 0,
+        f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
+        f"parallel.tensor={p.tensor}",
+    )
+    _require(
+        not p.sequence_parallel or p.tensor > 1,
+        "parallel.sequence_parallel needs parallel.tensor > 1",
+    )
+    _require(p.context == 1 or use_te, "parallel.context > 1 needs Transformer Engine on a GPU")
+    _require(
+        not p.sequence_parallel or use_te or _have_apex(),
+        "parallel.sequence_parallel needs TE or NVIDIA Apex norms (Megatron's torch norm "
+        "refuses SP); install one of them or set parallel.sequence_parallel=false",
+    )
+    return CLATransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=_ffn(m),
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        normalization=m.normalization,
+        gated_linear_unit=m.swiglu,
+        activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
+        add_bias_linear=False,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.dropout,
+        attention_dropout=m.dropout,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_model_parallel_layout=p.pipeline_layout,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+        use_cpu_initialization=not on_gpu,
+        transformer_impl="transformer_engine" if use_te else "local",
+        # gloo pairs batched isend/irecv of the interleaved schedule wrongly; NCCL is fine.
+        batch_p2p_comm=on_gpu,
+        cla_share_factor=m.cla_share_factor,
+        cla_producer_layers=m.cla_producer_layers,
+    )
+
+
+def _have_apex() -> bool:
+    from megatron.core.models.backends import HAVE_APEX
+
+    return bool(HAVE_APEX)
+
+
+def make_plan(cfg: PretrainConfig, world_size: int, on_gpu: bool | None = None) -> RunPlan:
+    """Validate ``cfg`` for ``world_size`` ranks and derive the run's settings."""
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    t, log = cfg.train, cfg.logging
+    for name, value in [
+        ("train.train_iters", t.train_iters),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("model.seq_length", cfg.model.seq_length),
+        ("logging.log_interval", log.log_interval),
+        ("logging.eval_iters", log.eval_iters),
+    ]:
+        _require(value >= 1, f"{name} must be >= 1, got {value}")
+    _require(
+        0 <= t.warmup_iters < t.train_iters,
+        f"train.warmup_iters={t.warmup_iters} must be in [0, train_iters={t.train_iters}) "
+        f"(Megatron's scheduler needs a decay phase); lower warmup_iters",
+    )
+    _require(
+        0 < t.min_lr <= t.lr or t.lr_decay_style == "constant",
+        f"train.min_lr={t.min_lr} must be in (0, lr={t.lr}]",
+    )
+    _require(
+        t.lr_decay_style in ("cosine", "linear", "constant"),
+        f"train.lr_decay_style={t.lr_decay_style!r}: use cosine, linear or constant",
+    )
+    dp, microbatches = _parallel_sizes(cfg, world_size)
+    dtype = _dtype(t.precision, on_gpu)
+    use_te = _use_te(t.transformer_engine, on_gpu)
+    transformer = _transformer_config(cfg, dtype, use_te, on_gpu)
+    return RunPlan(cfg, world_size, dp, microbatches, dtype, use_te, on_gpu, transformer)
