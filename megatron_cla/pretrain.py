@@ -30,7 +30,10 @@ from megatron_cla.training.plan import RunPlan, make_plan
 __all__ = ["main", "run_pretraining"]
 
 
-def _init_distributed(on_gpu: bool) -> None:
+def _init_distributed(on_gpu: bool) -> bool:
+    """Start the process group unless the caller already did; True if started here."""
+    if dist.is_initialized():
+        return False
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     else:
@@ -43,6 +46,7 @@ def _init_distributed(on_gpu: bool) -> None:
     else:
         store = dist.FileStore(tempfile.mkstemp(prefix="megatron_cla_")[1], 1)
         dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    return True
 
 
 def _prepare_data(cfg: PretrainConfig) -> Path:
@@ -111,8 +115,9 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     from megatron_cla.training.model import build_model, build_optimizer, build_scheduler
 
     on_gpu = torch.cuda.is_available()
-    plan = make_plan(cfg, int(os.environ.get("WORLD_SIZE", 1)), on_gpu)  # before any allocation
-    _init_distributed(on_gpu)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    plan = make_plan(cfg, world, on_gpu)  # before any allocation
+    started_here = _init_distributed(on_gpu)
     p = cfg.parallel
     ps.initialize_model_parallel(
         p.tensor, p.pipeline, p.virtual_pipeline, context_parallel_size=p.context
@@ -165,7 +170,8 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     reporter.summary(cfg.name, run.state.iteration, val_ppl, params)
     dist.barrier()
     ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    if started_here:
+        dist.destroy_process_group()
     return val_ppl
 
 

@@ -202,6 +202,11 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads "3e-3" as a string; accept it as the number it means
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, float, str, bool) and (
         not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
     ):

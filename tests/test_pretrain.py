@@ -1,0 +1,216 @@
+"""The pretraining launcher: config validation, training, exact resume, resharded resume."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl, write_jsonl
+from megatron_cla.data.prepare import prepare
+from megatron_cla.testing import run_on_ranks
+from megatron_cla.training.checkpoint import Checkpointer, CorruptCheckpoint
+from megatron_cla.training.config import load_config
+from megatron_cla.training.plan import make_plan
+from tests.pretrain_worker import pretrain_on_rank, step_losses, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small prepared dataset (400 documents of the embedded corpus, vocab 512)."""
+    root = tmp_path_factory.mktemp("pretrain_data")
+    docs = root / "docs.jsonl"
+    write_jsonl(itertools.islice(read_jsonl(EMBEDDED_CORPUS), 400), docs)
+    prepare([docs], root / "data", vocab_size=512, valid_percent=5)
+    return root / "data"
+
+
+def _launch(overrides: list[str], **kwargs) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "megatron_cla.pretrain", *overrides]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, **kwargs
+    )
+
+
+def _run(overrides: list[str], timeout: float = 300) -> str:
+    proc = _launch(overrides)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    p = cfg.parallel
+    on_gpu = cfg.train.precision != "fp32" and path.stem.startswith("paper")
+    make_plan(cfg, world_size=p.tensor * p.pipeline * p.context, on_gpu=on_gpu)
+
+
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (["train.lrr=1"], 1, r"unknown key\(s\) \['train.lrr'\]"),
+        (["modle.num_layers=2"], 1, r"unknown key\(s\) \['modle'\]"),
+        (["train.train_iters=ten"], 1, r"train.train_iters must be int, got 'ten'"),
+        (["train.warmup_iters=300"], 1, r"warmup_iters=300 must be in \[0, train_iters=300\)"),
+        (["parallel.tensor=2"], 3, r"world size 3 is not divisible by tensor x pipeline"),
+        (["train.global_batch_size=12"], 2, r"global_batch_size=12 must be a multiple of"),
+        (["parallel.tensor=3"], 3, r"num_attention_heads=4 must be divisible by parallel"),
+        (["parallel.sequence_parallel=true"], 1, r"sequence_parallel needs parallel.tensor > 1"),
+        (["parallel.context=2"], 2, r"context > 1 needs Transformer Engine"),
+        (["train.precision=bf16"], 1, r"precision='bf16' on a CPU: use fp32"),
+        (
+            ["model.cla_share_factor=2", "model.num_layers=6", "parallel.pipeline=2"],
+            2,
+            r"Pipeline stage 1 \(virtual chunk 0\) would start at layer 4",
+        ),
+        (["model.cla_share_factor=0"], 1, r"cla_share_factor must be >= 1"),
+        (["model.num_query_groups=3"], 1, r"must be a multiple of num_query_groups=3"),
+    ],
+)
+def test_invalid_run_configs_fail_before_allocation(overrides, world, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan(load_config(ROOT / "configs/tiny_mqa.yaml", overrides), world, on_gpu=False)
+
+
+def test_cli_reports_invalid_configuration():
+    proc = _launch(["--config", "configs/tiny_mqa.yaml", "train.lrr=1"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "invalid configuration: unknown key(s) ['train.lrr']" in out
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.distributed
+def test_two_rank_pipeline_training_reduces_loss(data_dir, tmp_path):
+    """2 ranks (PP2, CLA2) train the tiny model: loss falls, validation ppl and checkpoint exist."""
+    overrides = tiny_overrides(tmp_path / "run", data_dir, 24, "parallel.pipeline=2")
+    val_ppl = run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
+    losses = step_losses(tmp_path / "run")
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (22, 23, 24)) / 3
+    assert last < first - 0.5, (first, last)
+    assert val_ppl[0] is not None and val_ppl[0] < 512  # better than a uniform guess
+    assert Checkpointer(tmp_path / "run/checkpoints").complete_iterations() == [24]
+
+
+def test_killed_run_resumes_bit_identically(data_dir, tmp_path):
+    steps, extra = 16, ("checkpoint.save_interval=4",)
+    _run(tiny_overrides(tmp_path / "straight", data_dir, steps, *extra))
+    reference = step_losses(tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    proc = _launch(tiny_overrides(killed, data_dir, steps, *extra), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = killed / "metrics.jsonl"
+        if metrics.is_file() and max(step_losses(killed), default=0) >= 10:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to save or clean up
+    proc.wait()
+    resumed_from = max(Checkpointer(killed / "checkpoints").complete_iterations())
+    assert 4 <= resumed_from < steps
+    out = _run(tiny_overrides(killed, data_dir, steps, *extra))
+    assert f"resumed from step {resumed_from}" in out
+    losses = step_losses(killed)
+    assert [losses[s] for s in range(1, steps + 1)] == [reference[s] for s in range(1, steps + 1)]
+
+
+@pytest.mark.distributed
+def test_resume_at_another_tensor_parallel_size(data_dir, tmp_path):
+    extra = ("checkpoint.save_interval=6", "model.num_query_groups=2")
+    _run(tiny_overrides(tmp_path / "tp1", data_dir, 12, *extra))
+    reference = step_losses(tmp_path / "tp1")
+    resharded = tmp_path / "tp2"
+    shutil.copytree(tmp_path / "tp1", resharded)
+    shutil.rmtree(resharded / "checkpoints" / "iter_0000012")
+    (resharded / "metrics.jsonl").unlink()
+    overrides = tiny_overrides(
+        resharded, data_dir, 12, *extra, "parallel.tensor=2", "checkpoint.load_iteration=6"
+    )
+    run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
+    losses = step_losses(resharded)
+    assert sorted(losses) == list(range(7, 13))
+    for step in range(7, 13):  # TP2 sums partial products in another order: fp32 rounding only
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4)
+
+
+def test_partial_and_corrupt_checkpoints_are_reported(data_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    _run(tiny_overrides(run, data_dir, 8, "checkpoint.save_interval=4"))
+    ckpt = Checkpointer(run / "checkpoints")
+    (run / "checkpoints" / "iter_0000012.partial").mkdir()  # a save that was killed
+    (run / "checkpoints" / "iter_0000016").mkdir()  # no completion marker
+    assert ckpt.complete_iterations() == [4, 8]
+    assert "iter_0000012.partial: the save did not finish" in caplog.text
+    victim = next(p for p in (run / "checkpoints/iter_0000008").rglob("*.distcp"))
+    victim.write_bytes(victim.read_bytes()[:-10] + b"corrupted!")
+    with pytest.raises(CorruptCheckpoint, match="checkpoint.load_iteration=4"):
+        ckpt.verify(8)
+    ckpt.verify(4)  # the previous checkpoint is untouched
+    out = _run(tiny_overrides(run, data_dir, 10, "checkpoint.load_iteration=4"))
+    assert "resumed from step 4" in out
+
+
+@pytest.mark.distributed
+def test_two_nodes_on_loopback_meet_at_one_rendezvous(data_dir, tmp_path):
+    """launch/torchrun.sh on two 'nodes' (two torchrun agents, 1 process each) on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "PYTHON": sys.executable,
+        "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+        "RDZV_ID": f"test-{port}",
+    }
+    overrides = tiny_overrides(tmp_path / "run", data_dir, 8)
+    cmd = [
+        "bash",
+        str(ROOT / "launch/torchrun.sh"),
+        str(ROOT / "configs/tiny_mqa_cla2.yaml"),
+        *overrides,
+    ]
+    nodes = [
+        subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    log = "".join(outputs)
+    assert "world 2 = TP 1 x PP 1 x CP 1 x DP 2" in log
+    assert sorted(step_losses(tmp_path / "run")) == list(range(1, 9))
