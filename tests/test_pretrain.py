@@ -66,7 +66,11 @@ def test_shipped_configs_are_valid(path):
         (["train.lrr=1"], 1, r"unknown key\(s\) \['train.lrr'\]"),
         (["modle.num_layers=2"], 1, r"unknown key\(s\) \['modle'\]"),
         (["train.train_iters=ten"], 1, r"train.train_iters must be int, got 'ten'"),
-        (["train.warmup_iters=300"], 1, r"warmup_iters=300 must be in \[0, train_iters=300\)"),
+        (
+            ["train.train_iters=300", "train.warmup_iters=300"],
+            1,
+            r"warmup_iters=300 must be in \[0, train_iters=300\)",
+        ),
         (["parallel.tensor=2"], 3, r"world size 3 is not divisible by tensor x pipeline"),
         (["train.global_batch_size=12"], 2, r"global_batch_size=12 must be a multiple of"),
         (["parallel.tensor=3"], 3, r"num_attention_heads=4 must be divisible by parallel"),
@@ -85,6 +89,20 @@ def test_shipped_configs_are_valid(path):
 def test_invalid_run_configs_fail_before_allocation(overrides, world, message):
     with pytest.raises(ValueError, match=message):
         make_plan(load_config(ROOT / "configs/tiny_mqa.yaml", overrides), world, on_gpu=False)
+
+
+def test_distributed_optimizer_needs_te_or_apex():
+    from megatron.core.models.backends import HAVE_APEX
+
+    cfg = load_config(
+        ROOT / "configs/tiny_mqa.yaml",
+        ["parallel.distributed_optimizer=true", "train.micro_batch_size=4"],
+    )
+    if HAVE_APEX:  # Megatron's fused Adam path reloads its checkpoints
+        make_plan(cfg, 2, on_gpu=False)
+        return
+    with pytest.raises(ValueError, match="distributed_optimizer needs TE or NVIDIA Apex"):
+        make_plan(cfg, 2, on_gpu=False)
 
 
 def test_cli_reports_invalid_configuration():

@@ -42,6 +42,9 @@ __all__ = ["TrainState", "Checkpointer", "CorruptCheckpoint"]
 
 log = logging.getLogger(__name__)
 MARKER = "cla_complete.json"
+# Distributed-optimizer state in a layout any DP/TP/PP size can load (Megatron's default
+# "fully_sharded_model_space" uses flattened ranges that the torch_dist format cannot store).
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 @dataclass
@@ -152,7 +155,7 @@ class Checkpointer:
             partial.mkdir(parents=True)
         dist.barrier()
         sharded = _model_state(chunks)
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPTIMIZER_FORMAT)
         sharded["rng_state"] = _rng_sharded_object(_rng_state())
         sharded.update(
             scheduler=scheduler.state_dict(),
@@ -202,7 +205,9 @@ class Checkpointer:
         common = dist_checkpointing.load_common_state_dict(path)
         same_layout = common["layout"] == _layout()
         sharded = _model_state(chunks)
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded, is_loading=True, metadata=_OPTIMIZER_FORMAT
+        )
         if same_layout:
             sharded["rng_state"] = _rng_sharded_object(None)
         loaded = dist_checkpointing.load(sharded, path)

@@ -129,6 +129,12 @@ def _transformer_config(
     )
     _require(p.context == 1 or use_te, "parallel.context > 1 needs Transformer Engine on a GPU")
     _require(
+        not p.distributed_optimizer or use_te or _have_apex(),
+        "parallel.distributed_optimizer needs TE or NVIDIA Apex: with Megatron's torch-Adam "
+        "fallback its checkpoints cannot be reloaded (megatron-core aliases Adam's step and "
+        "raises KeyError 'step' on load); set parallel.distributed_optimizer=false here",
+    )
+    _require(
         not p.sequence_parallel or use_te or _have_apex(),
         "parallel.sequence_parallel needs TE or NVIDIA Apex norms (Megatron's torch norm "
         "refuses SP); install one of them or set parallel.sequence_parallel=false",
