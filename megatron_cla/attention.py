@@ -24,13 +24,15 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import L2Norm
+from megatron.core.utils import is_te_min_version
 
 from megatron_cla._compat import submodule_name
+from megatron_cla.inference.paged_attention import PagedAttentionOnCPU
 
 __all__ = ["CLAProducerAttention", "CLAConsumerAttention", "CLAConsumerAttentionSubmodules"]
 
 
-class CLAProducerAttention(SelfAttention):
+class CLAProducerAttention(PagedAttentionOnCPU, SelfAttention):
     """Stock self-attention that also exposes the K/V its core attention consumed.
 
     Capture is armed only inside :meth:`capturing_kv`, so recomputation in backward (selective
@@ -93,11 +95,25 @@ class CLAConsumerAttentionSubmodules:
     producer."""
 
 
+def _query_only(q_emb: Any, rotary_pos_emb: Any) -> Any:
+    """Rotary embeddings for the query alone (the producer already rotated the keys)."""
+    return None if rotary_pos_emb is None else (q_emb, None)
+
+
+def inference_mask_type(attention: Attention, ctx: Any) -> AttnMaskType:
+    """The mask Megatron's own attention uses for ``ctx``: none once the prompt is cached
+    (decode steps, and every dynamic-batching step, whose kernels mask causally themselves)."""
+    past_prompt = not ctx.is_static_batching() or ctx.sequence_len_offset > 0
+    if past_prompt and (not attention.training or not is_te_min_version("2.2.0")):
+        return AttnMaskType.no_mask
+    return attention.attn_mask_type
+
+
 def _is_identity(spec: Any) -> bool:
     return spec is None or spec is IdentityOp or getattr(spec, "module", None) is IdentityOp
 
 
-class CLAConsumerAttention(Attention):
+class CLAConsumerAttention(PagedAttentionOnCPU, Attention):
     """Query-only self-attention over a producer layer's keys and values."""
 
     def __init__(
@@ -137,6 +153,9 @@ class CLAConsumerAttention(Attention):
         self.q_layernorm = self._build_q_layernorm(submodules.q_layernorm)
         self.k_layernorm = None
         self._shared_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._reads_paged_cache = False
+        self.cla_producer_layer_number: int = layer_number
+        """Global layer number of the producer whose K/V this consumer reads (set by the layer)."""
 
     def _build_q_layernorm(self, spec: Any) -> Optional[torch.nn.Module]:
         if _is_identity(spec):
@@ -178,12 +197,12 @@ class CLAConsumerAttention(Attention):
                 f"CLA consumer layer {self.layer_number} supports neither fused QKV RoPE "
                 f"(split_qkv={split_qkv}) nor an attention output gate (output_gate={output_gate})."
             )
-        if self._shared_kv is None:
+        if self._shared_kv is None and not self._reads_paged_cache:
             raise RuntimeError(
                 f"CLA consumer layer {self.layer_number} was called without its producer's K/V. "
                 f"Call it inside `attending_over(key, value)` (CLATransformerLayer does this)."
             )
-        key, value = self._shared_kv
+        key, value = self._shared_kv or (None, None)
         query, _ = self.linear_q(hidden_states)
         # [sq, b, np_local * hn] -> [sq, b, np_local, hn]
         query = query.view(*query.shape[:-1], -1, self.hidden_size_per_attention_head)
@@ -191,25 +210,59 @@ class CLAConsumerAttention(Attention):
             query = self.q_layernorm(query)
         return query, key, value
 
+    @contextlib.contextmanager
+    def reading_paged_cache(self) -> Iterator[None]:
+        """Dynamic batching: read K/V from the producer's slot of the paged cache, not from
+        ``context`` (the producer's core attention does not run on the paged path)."""
+        self._reads_paged_cache = True
+        try:
+            yield
+        finally:
+            self._reads_paged_cache = False
+
     def _adjust_key_value_for_inference(
         self,
         inference_context: Any,
         query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        key: Optional[torch.Tensor],
+        value: Optional[torch.Tensor],
         rotary_pos_emb: Any,
+        rotary_pos_cos: Any = None,
+        rotary_pos_sin: Any = None,
+        rotary_pos_cos_sin: Any = None,
         *args: Any,
+        inference_params: Any = None,
         **kwargs: Any,
     ) -> tuple:
-        """Training path: keep the shared K/V and drop the key RoPE (the producer applied it)."""
-        if inference_context is not None or kwargs.get("inference_params") is not None:
-            raise NotImplementedError(
-                f"CLA consumer layer {self.layer_number}: Megatron inference contexts are not "
-                f"supported yet; consumers must read the producer's KV cache, never their own."
+        """Use the producer's K/V: never allocate or append a cache of our own.
+
+        Keys were rotated by the producer, so only the query keeps its rotary embedding.
+        Training and static batching: ``key``/``value`` are the producer's post-RoPE K/V (full
+        cached length). Dynamic batching: the producer's slot of the paged buffer.
+        """
+        ctx = inference_context if inference_context is not None else inference_params
+        q_emb = None if rotary_pos_emb is None else rotary_pos_emb[0]
+        if ctx is None:
+            return query, key, value, _query_only(q_emb, rotary_pos_emb), self.attn_mask_type, None
+        mask_type = inference_mask_type(self, ctx)
+        if ctx.is_static_batching():
+            if q_emb is not None:  # positions of this step's queries
+                start = ctx.sequence_len_offset
+                q_emb = q_emb[start : start + query.size(0)]
+            return query, key, value, _query_only(q_emb, rotary_pos_emb), mask_type, None
+        if not self._reads_paged_cache:
+            raise RuntimeError(
+                f"CLA consumer layer {self.layer_number} got a dynamic inference context outside "
+                f"`reading_paged_cache()` (CLATransformerLayer enters it)."
             )
-        if rotary_pos_emb is not None:
-            rotary_pos_emb = (rotary_pos_emb[0], None)
-        return query, key, value, rotary_pos_emb, self.attn_mask_type, None
+        if getattr(ctx, "use_flashinfer_fused_rope", False) and rotary_pos_cos_sin is not None:
+            raise ValueError(
+                "flashinfer fused RoPE rotates queries and keys together; CLA consumers have no "
+                "keys to rotate. Build the context with use_flashinfer_fused_rope=False."
+            )
+        local = self.cla_producer_layer_number - self._get_pp_layer_offset_for_inference()
+        key, value, block_table = ctx.key_value_cache(local)
+        return query, key, value, _query_only(q_emb, rotary_pos_emb), mask_type, block_table
 
     def backward_dw(self) -> None:
         """Delayed weight-gradient computation (``delay_wgrad_compute``)."""

@@ -185,6 +185,8 @@ class CLATransformerLayer(TransformerLayer):
         self.cla_is_producer = producer
         self.cla_producer_layer = number if producer else sharing.producer_of(number)
         self.cla_ends_group = bool(kwargs.get("is_mtp_layer")) or sharing.is_last_of_group(number)
+        if not producer:
+            self.self_attention.cla_producer_layer_number = self.cla_producer_layer
         if sharing.has_consumers:
             # Megatron's stacked checkpoint layout needs one tensor shape per key across layers;
             # producers and consumers differ, so store layers under their own keys.
@@ -199,6 +201,9 @@ class CLATransformerLayer(TransformerLayer):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Self-attention (+ residual); returns the K/V hand-off for the next layer."""
+        ctx = kwargs.get("inference_context") or kwargs.get("inference_params")
+        if ctx is not None and not ctx.is_static_batching():
+            return self._forward_attention_paged(ctx, hidden_states, attention_mask, args, kwargs)
         if self.cla_is_producer and self.cla_ends_group:
             hidden_states, _ = super()._forward_attention(
                 hidden_states, attention_mask, None, *args, **kwargs
@@ -218,6 +223,31 @@ class CLATransformerLayer(TransformerLayer):
                 hidden_states, attention_mask, None, *args, **kwargs
             )
         return hidden_states, (None if self.cla_ends_group else context)
+
+    def _forward_attention_paged(
+        self, ctx: Any, hidden_states: torch.Tensor, attention_mask: Any, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, None]:
+        """Dynamic batching: producers append to their slot of the paged cache, consumers read
+        it. Nothing travels in ``context``."""
+        ctx_sharing = getattr(ctx, "cla_sharing", None)
+        if self.cla_sharing.has_consumers and ctx_sharing != self.cla_sharing:
+            raise ValueError(
+                f"CLA layer {self.layer_number}: this {type(ctx).__name__} was not built for this "
+                f"model's producers {list(self.cla_sharing.producer_layers)} (it has "
+                f"{'a slot for every layer' if ctx_sharing is None else ctx_sharing.describe()}). "
+                f"Build it with megatron_cla.inference.CLADynamicInferenceContext.for_model(model, "
+                f"...) or use megatron_cla.inference.CLAStaticInferenceEngine."
+            )
+        if self.cla_is_producer:
+            hidden_states, _ = super()._forward_attention(
+                hidden_states, attention_mask, None, *args, **kwargs
+            )
+            return hidden_states, None
+        with self.self_attention.reading_paged_cache():
+            hidden_states, _ = super()._forward_attention(
+                hidden_states, attention_mask, None, *args, **kwargs
+            )
+        return hidden_states, None
 
 
 def _check_submodules(submodules: Any) -> None:

@@ -107,3 +107,34 @@ def build_cla_gpt(config: Any, seed: int = 7, **kwargs: Any) -> GPTModel:
     """GPTModel with the local-backend CLA block spec of ``config``."""
     spec = get_cla_decoder_block_spec(config, use_transformer_engine=False)
     return build_gpt(config, spec, seed=seed, **kwargs)
+
+
+class IdTokenizer:
+    """Token ids written as text ("3 14 15"): the tokenizer Megatron's engines need, for tests
+    that feed token-id prompts to a model with :data:`VOCAB` tokens."""
+
+    eod = VOCAB - 1
+    bos = None
+    vocab_size = VOCAB
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def detokenize(self, ids: Any, **kwargs: Any) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def greedy_reference(model: GPTModel, tokens: list[int], steps: int) -> list[int]:
+    """Greedy continuation by full no-cache forwards: the ground truth for KV-cache decoding."""
+    out = list(tokens)
+    with torch.no_grad():
+        for _ in range(steps):
+            n = len(out)
+            logits = model(
+                torch.tensor([out], device=device()),
+                torch.arange(n, device=device()).unsqueeze(0),
+                torch.ones(1, 1, n, n, dtype=torch.bool, device=device()).triu(1),
+                runtime_gather_output=True,
+            )
+            out.append(int(logits[0, -1].argmax()))
+    return out[len(tokens) :]

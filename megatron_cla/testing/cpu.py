@@ -7,9 +7,14 @@ this process only, so that unmodified Megatron-Core code paths (local spec, pipe
 DDP, optimizer, ``dist_checkpointing``) run on CPU tensors:
 
 * a :class:`torch.overrides.TorchFunctionMode` that rewrites any CUDA ``device=`` argument,
-  ``Tensor.to("cuda")`` and ``Tensor.cuda()`` to the CPU, and reports CUDA type names from
-  ``Tensor.type()`` (Megatron's optimizer asserts them);
+  ``Tensor.to("cuda")`` and ``Tensor.cuda()`` to the CPU, drops ``pin_memory`` requests, and
+  reports CUDA type names from ``Tensor.type()`` (Megatron's optimizer asserts them);
 * ``torch.cuda.current_device``/``device_count``/``synchronize``/streams/events become harmless;
+* Megatron's inference stack runs on the CPU: the text-generation controller gets a CPU sampling
+  generator, NVTX ranges are no-ops, the paged cache is appended to without Triton, and dynamic
+  batching's flash-attn version assertion is skipped (megatron_cla's attention computes paged
+  attention itself on CPU tensors, see :class:`megatron_cla.inference.PagedAttentionOnCPU`;
+  stock attention still needs flash-attn);
 * the "CUDA" RNG API that Megatron's ``CudaRNGStatesTracker`` uses is routed to the CPU default
   generator, which is the generator CPU dropout actually draws from. The tracker's fork therefore
   switches real random streams (tensor-parallel dropout differs across TP ranks, recompute replays
@@ -24,6 +29,7 @@ backward so that recomputation code in backward is covered too.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -51,8 +57,10 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func in (torch.Tensor.cuda, torch.Tensor.cpu):
+        if func in (torch.Tensor.cuda, torch.Tensor.cpu, torch.Tensor.pin_memory):
             return args[0]
+        if kwargs.get("pin_memory"):  # pinned host memory needs a CUDA allocator
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # Megatron asserts e.g. `param.grad.type() == 'torch.cuda.FloatTensor'`.
             name = func(*args)
@@ -148,6 +156,12 @@ def _patch_torch_cuda() -> None:
     cuda.memory_reserved = lambda *a, **k: 0
     cuda.max_memory_reserved = lambda *a, **k: 0
     cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.memory_stats = lambda *a, **k: collections.defaultdict(int)
+    # NVTX profiler ranges exist only in CUDA builds.
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+    cuda.nvtx.mark = lambda *a, **k: None
+    cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
 
 
 def _patch_megatron_rng() -> None:
@@ -156,6 +170,46 @@ def _patch_megatron_rng() -> None:
     mrandom._get_cuda_rng_state = _cpu_rng_get
     mrandom._set_cuda_rng_state = _cpu_rng_set
     logging.getLogger(mrandom.__name__).addFilter(_DropForkWarning())
+
+
+_REAL_GENERATOR = torch.Generator
+
+
+def _cpu_generator(device: Any = "cpu") -> torch.Generator:
+    """``torch.Generator(device=<cuda>)`` made on the CPU instead."""
+    return _REAL_GENERATOR("cpu" if _is_cuda_device(device) else device)
+
+
+def _patch_megatron_inference() -> None:
+    """Megatron's text-generation controller makes its sampling RNG on the current CUDA device."""
+    from megatron.core.inference.contexts import dynamic_context
+    from megatron.core.inference.engines import dynamic_engine
+    from megatron.core.inference.text_generation_controllers import text_generation_controller
+
+    for name in ("range_push", "range_pop"):  # bound at import, maybe before our NVTX patch
+        if hasattr(dynamic_engine, name):
+            setattr(dynamic_engine, name, getattr(torch.cuda.nvtx, name))
+
+    controller = text_generation_controller.TextGenerationController
+    original_init = controller.__init__
+
+    @functools.wraps(original_init)
+    def init_with_cpu_generator(self: Any, *args: Any, **kwargs: Any) -> None:
+        torch.Generator = _cpu_generator
+        try:
+            original_init(self, *args, **kwargs)
+        finally:
+            torch.Generator = _REAL_GENERATOR
+
+    controller.__init__ = init_with_cpu_generator
+    # Triton kernels need a GPU; Megatron's PyTorch path appends to the paged cache instead.
+    dynamic_context.triton_append_key_value_cache = None
+
+    # Dynamic batching asserts a flash-attn version before attending. Flash-attn cannot run on a
+    # CPU; megatron_cla's attention serves the paged cache itself there (PagedAttentionOnCPU).
+    from megatron.core.transformer import attention
+
+    attention.is_fa_min_version = lambda *a, **k: True
 
 
 def _reenter_mode_in_backward() -> None:
@@ -202,6 +256,7 @@ def enable_megatron_on_cpu() -> None:
         )
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_inference()
     _reenter_mode_in_backward()
     mode = _CudaToCpuMode()
     mode.__enter__()
