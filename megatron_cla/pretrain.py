@@ -27,10 +27,10 @@ from megatron_cla.sharing import KVSharing
 from megatron_cla.training.config import PretrainConfig, load_config
 from megatron_cla.training.plan import RunPlan, make_plan
 
-__all__ = ["main", "run_pretraining"]
+__all__ = ["init_distributed", "main", "run_pretraining"]
 
 
-def _init_distributed(on_gpu: bool) -> bool:
+def init_distributed(on_gpu: bool) -> bool:
     """Start the process group unless the caller already did; True if started here."""
     if dist.is_initialized():
         return False
@@ -112,12 +112,17 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     from megatron_cla.training.checkpoint import Checkpointer, TrainState
     from megatron_cla.training.loop import Run, train
     from megatron_cla.training.metrics import RunReporter
-    from megatron_cla.training.model import build_model, build_optimizer, build_scheduler
+    from megatron_cla.training.model import (
+        build_model,
+        build_optimizer,
+        build_scheduler,
+        connect_gradient_hooks,
+    )
 
     on_gpu = torch.cuda.is_available()
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     plan = make_plan(cfg, world, on_gpu)  # before any allocation
-    started_here = _init_distributed(on_gpu)
+    started_here = init_distributed(on_gpu)
     p = cfg.parallel
     ps.initialize_model_parallel(
         p.tensor, p.pipeline, p.virtual_pipeline, context_parallel_size=p.context
@@ -131,6 +136,7 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     tokenizer, (train_set, valid_set) = _datasets(plan, _prepare_data(cfg))
     chunks = build_model(plan, tokenizer.vocab_size)
     optimizer = build_optimizer(plan, chunks)
+    connect_gradient_hooks(plan, optimizer)
     scheduler = build_scheduler(plan, optimizer)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep)

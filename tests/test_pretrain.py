@@ -127,6 +127,18 @@ def test_two_rank_pipeline_training_reduces_loss(data_dir, tmp_path):
     assert Checkpointer(tmp_path / "run/checkpoints").complete_iterations() == [24]
 
 
+@pytest.mark.distributed
+def test_data_parallel_follows_the_one_rank_loss_curve(data_dir, tmp_path):
+    """Same global batch, same curve: gradients are reduced over the data-parallel ranks."""
+    one = tiny_overrides(tmp_path / "one", data_dir, 8, "logging.log_interval=1")
+    two = tiny_overrides(tmp_path / "two", data_dir, 8, "logging.log_interval=1")
+    run_on_ranks(pretrain_on_rank, 1, one, timeout=600)
+    run_on_ranks(pretrain_on_rank, 2, two, timeout=600)  # DP 2
+    expected, got = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    assert max(abs(got[s] - expected[s]) for s in expected) < 1e-4, (expected, got)
+
+
 def test_killed_run_resumes_bit_identically(data_dir, tmp_path):
     steps, extra = 16, ("checkpoint.save_interval=4",)
     _run(tiny_overrides(tmp_path / "straight", data_dir, steps, *extra))
@@ -152,21 +164,34 @@ def test_killed_run_resumes_bit_identically(data_dir, tmp_path):
 
 
 @pytest.mark.distributed
-def test_resume_at_another_tensor_parallel_size(data_dir, tmp_path):
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "saved,resumed",
+    [((1, []), (2, ["parallel.tensor=2"])), ((2, ["parallel.pipeline=2"]), (1, []))],
+    ids=["TP1-to-TP2", "PP2-to-PP1"],
+)
+def test_resume_at_another_parallel_layout(data_dir, tmp_path, saved, resumed):
+    """The curve continues after resharding. PP2 -> PP1 also proves that the tied embedding and
+    output weights stayed one weight on two stages (PP1 has a single copy of it)."""
     extra = ("checkpoint.save_interval=6", "model.num_query_groups=2")
-    _run(tiny_overrides(tmp_path / "tp1", data_dir, 12, *extra))
-    reference = step_losses(tmp_path / "tp1")
-    resharded = tmp_path / "tp2"
-    shutil.copytree(tmp_path / "tp1", resharded)
+    run_on_ranks(
+        pretrain_on_rank,
+        saved[0],
+        tiny_overrides(tmp_path / "a", data_dir, 12, *extra, *saved[1]),
+        timeout=600,
+    )
+    reference = step_losses(tmp_path / "a")
+    resharded = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", resharded)
     shutil.rmtree(resharded / "checkpoints" / "iter_0000012")
     (resharded / "metrics.jsonl").unlink()
     overrides = tiny_overrides(
-        resharded, data_dir, 12, *extra, "parallel.tensor=2", "checkpoint.load_iteration=6"
+        resharded, data_dir, 12, *extra, *resumed[1], "checkpoint.load_iteration=6"
     )
-    run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
+    run_on_ranks(pretrain_on_rank, resumed[0], overrides, timeout=600)
     losses = step_losses(resharded)
     assert sorted(losses) == list(range(7, 13))
-    for step in range(7, 13):  # TP2 sums partial products in another order: fp32 rounding only
+    for step in range(7, 13):  # another TP/PP sums in another order: fp32 rounding only
         assert losses[step] == pytest.approx(reference[step], rel=1e-4)
 
 

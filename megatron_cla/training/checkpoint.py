@@ -123,6 +123,19 @@ def _model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _restore_models(loaded: dict[str, Any], chunks: list, path: str) -> None:
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        result = unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        problems = [
+            k
+            for k in [*result.missing_keys, *result.unexpected_keys]
+            if not k.endswith("_extra_state")
+        ]
+        if problems:
+            raise RuntimeError(f"checkpoint {path} does not fit this model: {problems[:5]}")
+
+
 class Checkpointer:
     """Saves and restores a run in ``directory`` (see the module docstring)."""
 
@@ -198,6 +211,28 @@ class Checkpointer:
                 f"checksums ({bad[:3]}{' ...' if len(bad) > 3 else ''}); {hint}."
             )
 
+    def latest_complete(self) -> int:
+        """The newest complete iteration; ``FileNotFoundError`` if there is none."""
+        complete = self.complete_iterations()
+        if not complete:
+            raise FileNotFoundError(
+                f"no complete checkpoint in {self.directory} (expected iter_NNNNNNN/ with "
+                f"{MARKER}, as written by python -m megatron_cla.pretrain)"
+            )
+        return complete[-1]
+
+    def saved_run(self, iteration: int) -> dict[str, Any]:
+        """What a checkpoint says about its run: ``config`` (the pretraining config as a dict),
+        ``layout`` (TP/PP/DP at save time), ``iteration``, ``consumed_samples``."""
+        return dist_checkpointing.load_common_state_dict(str(self.path(iteration)))
+
+    def load_weights(self, iteration: int, chunks: list) -> None:
+        """Load only the model of a complete checkpoint (any saved TP/PP layout); collective."""
+        self.verify(iteration)
+        path = str(self.path(iteration))
+        loaded = dist_checkpointing.load(_model_state(chunks), path)
+        _restore_models(loaded, chunks, path)
+
     def load(self, iteration: int, chunks: list, optimizer: Any, scheduler: Any) -> TrainState:
         """Restore a complete checkpoint into the (already built) run; collective."""
         self.verify(iteration)
@@ -211,16 +246,7 @@ class Checkpointer:
         if same_layout:
             sharded["rng_state"] = _rng_sharded_object(None)
         loaded = dist_checkpointing.load(sharded, path)
-        for i, chunk in enumerate(chunks):
-            key = "model" if len(chunks) == 1 else f"model{i}"
-            result = unwrap(chunk).load_state_dict(loaded[key], strict=False)
-            problems = [
-                k
-                for k in [*result.missing_keys, *result.unexpected_keys]
-                if not k.endswith("_extra_state")
-            ]
-            if problems:
-                raise RuntimeError(f"checkpoint {path} does not fit this model: {problems[:5]}")
+        _restore_models(loaded, chunks, path)
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:

@@ -253,3 +253,8 @@ def load_config(path: Optional[Path], overrides: list[str] = ()) -> PretrainConf
     for override in overrides:
         _apply_override(values, override)
     return _build(PretrainConfig, values, "")
+
+
+def config_from_dict(values: dict) -> PretrainConfig:
+    """A config from a plain dict (e.g. the one a checkpoint saved), keys and types checked."""
+    return _build(PretrainConfig, values, "")

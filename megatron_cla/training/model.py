@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -14,7 +14,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_cla.specs import get_cla_decoder_block_spec
 from megatron_cla.training.plan import RunPlan
 
-__all__ = ["padded_vocab_size", "build_model", "build_optimizer", "build_scheduler", "unwrap"]
+__all__ = [
+    "padded_vocab_size",
+    "build_gpt_chunk",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "connect_gradient_hooks",
+    "unwrap",
+]
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
@@ -29,32 +37,39 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def build_gpt_chunk(
+    plan: RunPlan, padded_vocab: int, vp_stage: Optional[int] = None
+) -> torch.nn.Module:
+    """One GPT model chunk of this rank with the CLA specs (in ``Float16Module`` unless fp32)."""
+    m = plan.config.model
+    spec = get_cla_decoder_block_spec(
+        plan.transformer, use_transformer_engine=plan.use_transformer_engine, vp_stage=vp_stage
+    )
+    model: torch.nn.Module = GPTModel(
+        plan.transformer,
+        spec,
+        vocab_size=padded_vocab,
+        max_sequence_length=m.seq_length,
+        position_embedding_type="rope",
+        rotary_base=m.rotary_base,
+        share_embeddings_and_output_weights=not m.untie_embeddings,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+    ).to(_device())
+    if plan.dtype != torch.float32:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(plan.transformer, model)
+    return model
+
+
 def build_model(plan: RunPlan, vocab_size: int) -> list[torch.nn.Module]:
     """DDP-wrapped GPT chunks (one per virtual pipeline stage) of this rank."""
-    m, p = plan.config.model, plan.config.parallel
-    chunks = []
-    for vp_stage in range(p.virtual_pipeline or 1):
-        stage = vp_stage if p.virtual_pipeline is not None else None
-        spec = get_cla_decoder_block_spec(
-            plan.transformer, use_transformer_engine=plan.use_transformer_engine, vp_stage=stage
-        )
-        model: torch.nn.Module = GPTModel(
-            plan.transformer,
-            spec,
-            vocab_size=padded_vocab_size(vocab_size, p.tensor),
-            max_sequence_length=m.seq_length,
-            position_embedding_type="rope",
-            rotary_base=m.rotary_base,
-            share_embeddings_and_output_weights=not m.untie_embeddings,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage,
-        ).to(_device())
-        if plan.dtype != torch.float32:
-            from megatron.core.transformer.module import Float16Module
-
-            model = Float16Module(plan.transformer, model)
-        chunks.append(model)
+    p = plan.config.parallel
+    padded = padded_vocab_size(vocab_size, p.tensor)
+    stages = range(p.virtual_pipeline) if p.virtual_pipeline is not None else [None]
+    chunks = [build_gpt_chunk(plan, padded, stage) for stage in stages]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -91,6 +106,18 @@ def build_optimizer(plan: RunPlan, chunks: list[torch.nn.Module]) -> Any:
         use_distributed_optimizer=plan.config.parallel.distributed_optimizer,
     )
     return get_megatron_optimizer(config, chunks)
+
+
+def connect_gradient_hooks(plan: RunPlan, optimizer: Any) -> None:
+    """What Megatron's schedules call after the last backward of a step, as ``pretrain`` sets it:
+    ``finalize_model_grads`` finishes the data-parallel gradient reduction (DDP without overlap
+    only reduces here), all-reduces the tied embedding/output gradients between the first and
+    last pipeline stages, and the sequence-parallel norm gradients over TP; the loss is scaled by
+    the optimizer's loss scaler (fp16)."""
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    plan.transformer.finalize_model_grads_func = finalize_model_grads
+    plan.transformer.grad_scale_func = optimizer.scale_loss
 
 
 def build_scheduler(plan: RunPlan, optimizer: Any) -> OptimizerParamScheduler:
