@@ -155,3 +155,34 @@ def _leave_inference_mode() -> None:
     except ImportError:
         return
     InferenceMode.unset_active()
+
+
+def allocated_paged_cache(overrides: list[str], buffer_gb: float, block_tokens: int) -> dict:
+    """What Megatron's paged context allocates for a launcher config on this rank (any TP/PP)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_cla.inference import CLADynamicInferenceContext
+    from megatron_cla.testing import init_process_group_once, model_parallel
+    from megatron_cla.training.config import load_config
+    from megatron_cla.training.model import build_gpt_chunk
+    from megatron_cla.training.plan import make_plan
+
+    cfg = load_config(None, overrides)
+    p = cfg.parallel
+    plan = make_plan(cfg, p.tensor * p.pipeline, on_gpu=False)
+    init_process_group_once()
+    with model_parallel(
+        tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline
+    ):
+        model = build_gpt_chunk(plan, 512)
+        ctx = CLADynamicInferenceContext.for_model(
+            model, max_sequence_length=512, buffer_size_gb=buffer_gb, block_size_tokens=block_tokens
+        )
+        allocator = getattr(ctx, "kv_block_allocator", None) or ctx.block_allocator
+        return {
+            "pp_rank": ps.get_pipeline_model_parallel_rank(),
+            "kv_layers": ctx.num_attention_layers,
+            "block_bytes": ctx.block_size_bytes,
+            "total_blocks": allocator.total_count,
+            "kv_bytes": ctx.kv_cache_bytes,
+        }

@@ -1,0 +1,300 @@
+"""KV-cache budget of a config on a GPU: ``python -m megatron_cla.kv_budget``.
+
+For a pretraining config and its no-CLA twin (same model, every layer a producer) it prints the
+KV bytes per token, the cache of one sequence at several lengths, and how many sequences of each
+length fit next to the weights, and writes a PNG of the longest context that fits per batch size.
+
+The arithmetic is Megatron-Core's paged cache (``DynamicInferenceContext``), per GPU: a block
+holds ``block_size`` tokens of K and V for every producer layer of the pipeline stage, for the
+KV heads of the TP rank (at least one); the buffer is cut into whole blocks, one of which
+Megatron keeps as a dummy; a sequence of L tokens occupies ``ceil(L / block_size)`` blocks.
+``tests/test_kv_budget.py`` checks these numbers against contexts the engine really allocates.
+
+    python -m megatron_cla.kv_budget --config configs/paper_1b_h128_mqa_cla2.yaml --gpu-mem 80GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_cla.accounting import DecoderShape, decoder_params, kv_cache_bytes_per_token
+from megatron_cla.sharing import KVSharing
+from megatron_cla.training.config import PretrainConfig, load_config
+
+__all__ = ["KVBudget", "plan_budget", "no_cla_twin", "parse_bytes", "main"]
+
+GIB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class KVBudget:
+    """The KV cache of one model on one GPU (the most loaded pipeline stage)."""
+
+    name: str
+    """Config name."""
+    producers: str
+    """How many layers produce K/V, e.g. ``10 of 20 layers``."""
+    kv_bytes_per_token: int
+    """K and V of one token over the whole model (the paper's accounting)."""
+    kv_layers_per_gpu: int
+    """Producer layers on the most loaded pipeline stage (= Megatron's cache slots)."""
+    kv_heads_per_gpu: int
+    """KV heads one TP rank caches (replicated when there are fewer heads than ranks)."""
+    block_bytes: int
+    """One paged-cache block on one GPU."""
+    block_size_tokens: int
+    """Tokens per block."""
+    weight_bytes_per_gpu: int
+    """Weights of the most loaded GPU (decoder layers of a stage, one vocab matrix, norms)."""
+    buffer_bytes: int
+    """What is left for the KV buffer: GPU memory - weights - reserve (0 if none)."""
+    total_blocks: int
+    """Whole blocks in the buffer (Megatron: at least 2)."""
+
+    @property
+    def usable_blocks(self) -> int:
+        """Blocks requests can use (Megatron keeps one dummy block)."""
+        return max(self.total_blocks - 1, 0)
+
+    def blocks_per_sequence(self, length: int) -> int:
+        """Blocks a sequence of ``length`` tokens occupies."""
+        return math.ceil(length / self.block_size_tokens)
+
+    def sequence_bytes(self, length: int) -> int:
+        """Cache of one sequence of ``length`` tokens on one GPU (whole blocks)."""
+        return self.blocks_per_sequence(length) * self.block_bytes
+
+    def max_sequences(self, length: int) -> int:
+        """Sequences of ``length`` tokens that fit at once."""
+        return self.usable_blocks // self.blocks_per_sequence(length)
+
+    def max_context(self, batch: int) -> int:
+        """Longest context (tokens, whole blocks) each of ``batch`` sequences can have."""
+        return (self.usable_blocks // batch) * self.block_size_tokens
+
+
+def parse_bytes(text: str) -> int:
+    """``80GB``/``80G``/``80GiB`` (binary units, like ``nvidia-smi``'s MiB) or bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read a size from {text!r}; write e.g. 80GB or 141GB")
+    scale = 1024 ** "BKMGT".index((match.group(2) or "B").upper())
+    return int(float(match.group(1)) * scale)
+
+
+def no_cla_twin(cfg: PretrainConfig) -> PretrainConfig:
+    """The same model with every layer producing its own K/V."""
+    model = dataclasses.replace(cfg.model, cla_share_factor=1, cla_producer_layers=None)
+    return dataclasses.replace(cfg, name=f"{cfg.name} (no CLA)", model=model)
+
+
+def _transformer(cfg: PretrainConfig) -> Any:
+    from megatron_cla.training.plan import make_plan
+
+    p = cfg.parallel
+    return make_plan(cfg, p.tensor * p.pipeline * p.context, on_gpu=True).transformer
+
+
+def _weights_per_gpu(cfg: PretrainConfig, shape: DecoderShape, padded_vocab: int) -> int:
+    """Parameters of the most loaded GPU: a stage's layers (+ norms) and one vocab matrix
+    (two when the embedding is untied and a single stage holds both)."""
+    p = cfg.parallel
+    norms = shape.hidden * (2 * shape.num_layers + 1)
+    vocab_matrices = 2 if cfg.model.untie_embeddings and p.pipeline == 1 else 1
+    per_stage = math.ceil((decoder_params(shape) + norms) / p.pipeline)
+    return math.ceil((per_stage + vocab_matrices * padded_vocab * shape.hidden) / p.tensor)
+
+
+def plan_budget(
+    cfg: PretrainConfig,
+    gpu_bytes: int,
+    *,
+    vocab_size: int = 32000,
+    kv_dtype: str = "bf16",
+    weight_dtype: str = "bf16",
+    block_size_tokens: int = 256,
+    reserve_bytes: int = 0,
+    buffer_bytes: Optional[int] = None,
+) -> KVBudget:
+    """The KV budget of ``cfg`` on a GPU of ``gpu_bytes`` (see the module docstring).
+
+    ``buffer_bytes`` fixes the KV buffer (as Megatron's ``buffer_size_gb`` does) instead of
+    deriving it from the GPU memory left next to the weights and the reserve.
+    """
+    from megatron_cla.inference.context import local_producer_layers
+    from megatron_cla.training.model import padded_vocab_size
+
+    for what, dtype in (("kv", kv_dtype), ("weight", weight_dtype)):
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"{what} dtype {dtype!r}: use one of {sorted(DTYPE_BYTES)}")
+    config = _transformer(cfg)
+    sharing: KVSharing = config.cla_sharing
+    shape = DecoderShape.from_config(config, sharing)
+    p, element = cfg.parallel, DTYPE_BYTES[kv_dtype]
+    layers = max(len(local_producer_layers(config, sharing, rank)) for rank in range(p.pipeline))
+    heads = max(shape.groups // p.tensor, 1)
+    block_bytes = element * 2 * layers * block_size_tokens * heads * shape.head_dim
+    weights = _weights_per_gpu(cfg, shape, padded_vocab_size(vocab_size, p.tensor))
+    weights *= DTYPE_BYTES[weight_dtype]
+    if buffer_bytes is None:
+        buffer_bytes = max(gpu_bytes - weights - reserve_bytes, 0)
+    return KVBudget(
+        name=cfg.name,
+        producers=f"{sharing.num_kv_layers} of {shape.num_layers} layers",
+        kv_bytes_per_token=kv_cache_bytes_per_token(shape, element),
+        kv_layers_per_gpu=layers,
+        kv_heads_per_gpu=heads,
+        block_bytes=block_bytes,
+        block_size_tokens=block_size_tokens,
+        weight_bytes_per_gpu=weights,
+        buffer_bytes=buffer_bytes,
+        total_blocks=max(2, buffer_bytes // block_bytes),
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def report(budgets: list[KVBudget], lengths: list[int], gpu_bytes: int) -> str:
+    """A plain-text table comparing ``budgets`` (the first is the config, the last its twin)."""
+    rows = [
+        ("K/V producers", [b.producers for b in budgets]),
+        ("KV bytes/token (whole model)", [f"{b.kv_bytes_per_token:,}" for b in budgets]),
+        (
+            "KV layers x heads per GPU",
+            [f"{b.kv_layers_per_gpu} x {b.kv_heads_per_gpu}" for b in budgets],
+        ),
+        ("weights per GPU", [_size(b.weight_bytes_per_gpu) for b in budgets]),
+        ("KV buffer per GPU", [_size(b.buffer_bytes) for b in budgets]),
+        (
+            "block (tokens / bytes)",
+            [f"{b.block_size_tokens} / {_size(b.block_bytes)}" for b in budgets],
+        ),
+        ("usable blocks", [f"{b.usable_blocks:,}" for b in budgets]),
+    ]
+    for length in lengths:
+        rows.append(
+            (
+                f"cache of one {length:,}-token seq",
+                [_size(b.sequence_bytes(length)) for b in budgets],
+            )
+        )
+    for length in lengths:
+        rows.append(
+            (
+                f"max concurrent {length:,}-token seqs",
+                [f"{b.max_sequences(length):,}" for b in budgets],
+            )
+        )
+    width = max(len(r[0]) for r in rows)
+    cols = [max(len(b.name), *(len(r[1][i]) for r in rows)) for i, b in enumerate(budgets)]
+    lines = [
+        f"GPU memory {_size(gpu_bytes)}",
+        " " * width + "  " + "  ".join(b.name.rjust(c) for b, c in zip(budgets, cols, strict=True)),
+    ]
+    for label, values in rows:
+        lines.append(
+            label.ljust(width)
+            + "  "
+            + "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))
+        )
+    first, last = budgets[0], budgets[-1]
+    if last.usable_blocks:
+        lines.append(
+            f"{first.name} fits {first.usable_blocks / last.usable_blocks:.2f}x the tokens of "
+            f"{last.name} (KV bytes/token ratio "
+            f"{first.kv_bytes_per_token / last.kv_bytes_per_token:.3f})"
+        )
+    return "\n".join(lines)
+
+
+def plot(budgets: list[KVBudget], path: Path, max_batch: int = 1024) -> Path:
+    """PNG: longest context per sequence vs batch size, one line per budget (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({round(2 ** (i / 4)) for i in range(int(4 * math.log2(max_batch)) + 1)})
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for b in budgets:
+        points = [(n, b.max_context(n)) for n in batches if b.max_context(n) > 0]
+        ax.plot(
+            *zip(*points, strict=True),
+            marker=".",
+            label=f"{b.name}: {b.kv_bytes_per_token:,} B/token",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent sequences",
+        ylabel="max context per sequence (tokens)",
+    )
+    ax.set_title("Paged KV cache that fits next to the weights, per GPU")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_cla.kv_budget", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--config", type=Path, required=True, help="pretraining YAML config")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tensor=8")
+    parser.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
+    parser.add_argument(
+        "--reserve", default="8GB", help="kept free for activations, logits, CUDA context"
+    )
+    parser.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary")
+    parser.add_argument("--kv-dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    parser.add_argument("--weight-dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per KV block")
+    parser.add_argument("--lengths", default="2048,8192,32768,131072", help="sequence lengths")
+    parser.add_argument("--plot", type=Path, default=Path("kv_budget.png"), help="PNG to write")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = _parse(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        gpu, reserve = parse_bytes(args.gpu_mem), parse_bytes(args.reserve)
+        lengths = [int(x) for x in args.lengths.split(",")]
+        options = dict(
+            vocab_size=args.vocab_size,
+            kv_dtype=args.kv_dtype,
+            weight_dtype=args.weight_dtype,
+            block_size_tokens=args.block_size,
+            reserve_bytes=reserve,
+        )
+        budgets = [plan_budget(c, gpu, **options) for c in (cfg, no_cla_twin(cfg))]
+    except ValueError as err:
+        sys.exit(f"kv_budget: {err}")
+    if budgets[0].buffer_bytes == 0:
+        sys.exit(
+            f"kv_budget: the weights ({_size(budgets[0].weight_bytes_per_gpu)}) and the reserve "
+            f"leave no memory for a KV cache on a {args.gpu_mem} GPU; use more tensor/pipeline "
+            f"parallelism or a smaller --reserve"
+        )
+    print(report(budgets, lengths, gpu))
+    print(f"wrote {plot(budgets, args.plot)}")
+
+
+if __name__ == "__main__":
+    main()
