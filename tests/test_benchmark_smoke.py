@@ -39,3 +39,16 @@ def test_step_time_benchmark_runs(tmp_path):
     assert result["ratios"]["CLA2/S=1 KV bytes/token"] == 0.5
     assert result["rows"]["S=1"]["params"] == result["rows"]["stock"]["params"]
     assert result["rows"]["CLA2"]["params"] < result["rows"]["S=1"]["params"]
+
+
+def test_inference_benchmark_runs(tmp_path):
+    out = tmp_path / "result.json"
+    args = "--layers 4 --hidden 64 --heads 4 --vocab 128 --prompt 16 --new-tokens 8 --batch 4"
+    args += " --repeats 1 --buffer-mb 0.5 --block 32"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cla_inference.py"), *args.split()]
+    proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratios = json.loads(out.read_text())["ratios"]
+    assert ratios["static cache bytes"] == ratios["paged block bytes"] == 0.5
+    assert ratios["peak concurrent requests"] >= 2.0
+    assert ratios["decode tokens/s"] > 0
