@@ -110,20 +110,6 @@ def serving_config(
     return cfg
 
 
-def _saved_vocab(saved: dict[str, Any], tokenizer: Any, tensor_parallel: int) -> int:
-    """The padded vocabulary the checkpoint was trained with; must split over the new TP."""
-    from megatron_cla.training.model import padded_vocab_size
-
-    padded = padded_vocab_size(tokenizer.vocab_size, saved["layout"]["tp"])
-    if padded % tensor_parallel:
-        raise ValueError(
-            f"the checkpoint's vocabulary ({tokenizer.vocab_size} padded to {padded} at TP "
-            f"{saved['layout']['tp']}) cannot be split over TP {tensor_parallel}; serve it with "
-            f"a TP that divides {padded}"
-        )
-    return padded
-
-
 def _tokenizer(cfg: PretrainConfig, override: Optional[Path]) -> Any:
     from megatron_cla.data.tokenizer import load_tokenizer
 
@@ -182,7 +168,7 @@ def _load_engine(args: argparse.Namespace, settings: GenerationSettings) -> tupl
 
     from megatron_cla.inference.engines import build_dynamic_engine
     from megatron_cla.pretrain import init_distributed
-    from megatron_cla.training.model import build_gpt_chunk
+    from megatron_cla.training.model import build_gpt_chunk, resumed_vocab_size
     from megatron_cla.training.plan import make_plan
 
     on_gpu = torch.cuda.is_available()
@@ -192,7 +178,11 @@ def _load_engine(args: argparse.Namespace, settings: GenerationSettings) -> tupl
     cfg = serving_config(saved["config"], world, args.precision)
     plan = make_plan(cfg, world, on_gpu)  # validates before anything is allocated
     tokenizer = _tokenizer(cfg, args.tokenizer)
-    vocab = _saved_vocab(saved, tokenizer, world)
+    vocab = resumed_vocab_size(checkpointer.saved_vocab_size(iteration), world)
+    if vocab < tokenizer.vocab_size:
+        raise ValueError(
+            f"checkpoint has {vocab} vocabulary rows, the tokenizer {tokenizer.vocab_size}"
+        )
     max_length = args.max_sequence_length or cfg.model.seq_length
     init_distributed(on_gpu)
     ps.initialize_model_parallel(world, 1)

@@ -117,6 +117,8 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
         build_optimizer,
         build_scheduler,
         connect_gradient_hooks,
+        padded_vocab_size,
+        resumed_vocab_size,
     )
 
     on_gpu = torch.cuda.is_available()
@@ -134,16 +136,19 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     tokenizer, (train_set, valid_set) = _datasets(plan, _prepare_data(cfg))
-    chunks = build_model(plan, tokenizer.vocab_size)
+    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep)
+    complete = checkpointer.complete_iterations() if cfg.checkpoint.resume else []
+    iteration = cfg.checkpoint.load_iteration or (complete[-1] if complete else None)
+    vocab = padded_vocab_size(tokenizer.vocab_size, p.tensor)
+    if iteration is not None:
+        vocab = resumed_vocab_size(checkpointer.saved_vocab_size(iteration), p.tensor)
+    chunks = build_model(plan, vocab)
     optimizer = build_optimizer(plan, chunks)
     connect_gradient_hooks(plan, optimizer)
     scheduler = build_scheduler(plan, optimizer)
-    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
-    checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep)
     state = TrainState()
-    complete = checkpointer.complete_iterations() if cfg.checkpoint.resume else []
-    if cfg.checkpoint.load_iteration is not None or complete:
-        iteration = cfg.checkpoint.load_iteration or complete[-1]
+    if iteration is not None:
         state = checkpointer.load(iteration, chunks, optimizer, scheduler)
     device = next(chunks[0].parameters()).device
     dp, dp_rank = plan.data_parallel, ps.get_data_parallel_rank()

@@ -18,6 +18,7 @@ from megatron_cla.data.prepare import prepare
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.training.checkpoint import Checkpointer, CorruptCheckpoint
 from megatron_cla.training.config import load_config
+from megatron_cla.training.model import resumed_vocab_size
 from megatron_cla.training.plan import make_plan
 from tests.pretrain_worker import pretrain_on_rank, step_losses, tiny_overrides
 
@@ -32,6 +33,16 @@ def data_dir(tmp_path_factory) -> Path:
     docs = root / "docs.jsonl"
     write_jsonl(itertools.islice(read_jsonl(EMBEDDED_CORPUS), 400), docs)
     prepare([docs], root / "data", vocab_size=512, valid_percent=5)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def odd_vocab_data_dir(tmp_path_factory) -> Path:
+    """Like ``data_dir`` with 600 tokens: Megatron pads that to 640 at TP1 but 768 at TP2."""
+    root = tmp_path_factory.mktemp("pretrain_data_600")
+    docs = root / "docs.jsonl"
+    write_jsonl(itertools.islice(read_jsonl(EMBEDDED_CORPUS), 400), docs)
+    prepare([docs], root / "data", vocab_size=600, valid_percent=5)
     return root / "data"
 
 
@@ -170,9 +181,11 @@ def test_killed_run_resumes_bit_identically(data_dir, tmp_path):
     [((1, []), (2, ["parallel.tensor=2"])), ((2, ["parallel.pipeline=2"]), (1, []))],
     ids=["TP1-to-TP2", "PP2-to-PP1"],
 )
-def test_resume_at_another_parallel_layout(data_dir, tmp_path, saved, resumed):
-    """The curve continues after resharding. PP2 -> PP1 also proves that the tied embedding and
+def test_resume_at_another_parallel_layout(request, tmp_path, saved, resumed):
+    """The curve continues after resharding. TP1 -> TP2 keeps the vocabulary padding the run was
+    saved with (640 rows, not TP2's 768); PP2 -> PP1 also proves that the tied embedding and
     output weights stayed one weight on two stages (PP1 has a single copy of it)."""
+    data_dir = request.getfixturevalue("odd_vocab_data_dir" if resumed[0] == 2 else "data_dir")
     extra = ("checkpoint.save_interval=6", "model.num_query_groups=2")
     run_on_ranks(
         pretrain_on_rank,
@@ -193,6 +206,12 @@ def test_resume_at_another_parallel_layout(data_dir, tmp_path, saved, resumed):
     assert sorted(losses) == list(range(7, 13))
     for step in range(7, 13):  # another TP/PP sums in another order: fp32 rounding only
         assert losses[step] == pytest.approx(reference[step], rel=1e-4)
+
+
+def test_resumed_vocab_size_must_split_over_tensor_parallel():
+    assert resumed_vocab_size(640, 2) == 640
+    with pytest.raises(ValueError, match=r"\(640 rows\) cannot be split over TP 3; use a TP in"):
+        resumed_vocab_size(640, 3)
 
 
 def test_partial_and_corrupt_checkpoints_are_reported(data_dir, tmp_path, caplog):

@@ -226,6 +226,11 @@ class Checkpointer:
         ``layout`` (TP/PP/DP at save time), ``iteration``, ``consumed_samples``."""
         return dist_checkpointing.load_common_state_dict(str(self.path(iteration)))
 
+    def saved_vocab_size(self, iteration: int) -> int:
+        """Rows of the saved (padded) word embedding."""
+        metadata = dist_checkpointing.load_tensors_metadata(str(self.path(iteration)))
+        return metadata["embedding.word_embeddings.weight"].global_shape[0]
+
     def load_weights(self, iteration: int, chunks: list) -> None:
         """Load only the model of a complete checkpoint (any saved TP/PP layout); collective."""
         self.verify(iteration)

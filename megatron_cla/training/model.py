@@ -16,6 +16,7 @@ from megatron_cla.training.plan import RunPlan
 
 __all__ = [
     "padded_vocab_size",
+    "resumed_vocab_size",
     "build_gpt_chunk",
     "build_model",
     "build_optimizer",
@@ -29,6 +30,19 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128
     """Megatron's padding: a multiple of ``multiple x tensor_parallel`` (even vocab shards)."""
     step = multiple * tensor_parallel
     return -(-vocab_size // step) * step
+
+
+def resumed_vocab_size(saved_padded: int, tensor_parallel: int) -> int:
+    """The padded vocabulary of a checkpoint, checked to split evenly over ``tensor_parallel``
+    (Megatron pads to a multiple of 128 x TP, so a checkpoint keeps the padding it was saved
+    with when it is loaded at another TP)."""
+    if saved_padded % tensor_parallel:
+        fits = [t for t in (1, 2, 4, 8, 16, 32, 64) if saved_padded % t == 0]
+        raise ValueError(
+            f"the checkpoint's padded vocabulary ({saved_padded} rows) cannot be split over TP "
+            f"{tensor_parallel}; use a TP in {fits}"
+        )
+    return saved_padded
 
 
 def _device() -> torch.device:
@@ -64,10 +78,10 @@ def build_gpt_chunk(
     return model
 
 
-def build_model(plan: RunPlan, vocab_size: int) -> list[torch.nn.Module]:
-    """DDP-wrapped GPT chunks (one per virtual pipeline stage) of this rank."""
+def build_model(plan: RunPlan, padded: int) -> list[torch.nn.Module]:
+    """DDP-wrapped GPT chunks (one per virtual pipeline stage) of this rank, with a padded
+    vocabulary of ``padded`` (see :func:`padded_vocab_size`, :func:`resumed_vocab_size`)."""
     p = plan.config.parallel
-    padded = padded_vocab_size(vocab_size, p.tensor)
     stages = range(p.virtual_pipeline) if p.virtual_pipeline is not None else [None]
     chunks = [build_gpt_chunk(plan, padded, stage) for stage in stages]
     ddp_config = DistributedDataParallelConfig(
