@@ -53,3 +53,17 @@ def test_cpu_patches_redirect_cuda_requests():
     assert torch.zeros(2, device=torch.cuda.current_device()).device.type == "cpu"
     assert torch.ones(2).cuda().device.type == "cpu"
     assert torch.ones(2).type() == "torch.cuda.FloatTensor"
+
+
+def test_model_parallel_blocks_do_not_pile_up_process_groups():
+    """Megatron never destroys its groups; ``model_parallel`` does (each gloo group has threads)."""
+    from megatron_cla.testing import init_process_group_once, model_parallel
+
+    init_process_group_once()
+    with model_parallel():
+        pass
+    threads = psutil.Process().num_threads()
+    for _ in range(10):
+        with model_parallel():
+            pass
+    assert psutil.Process().num_threads() <= threads + 2

@@ -80,6 +80,7 @@ def model_parallel(
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     parallel_state.destroy_model_parallel()
+    before = set(_process_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -92,6 +93,17 @@ def model_parallel(
         yield
     finally:
         parallel_state.destroy_model_parallel()
+        # Megatron forgets its groups but never destroys them: each gloo group keeps its
+        # threads, and a test process that builds hundreds of parallel states would pile up
+        # thousands of them (and crawl). Destroy the groups this block created.
+        for group in set(_process_groups()) - before:
+            dist.destroy_process_group(group)
+
+
+def _process_groups() -> list:
+    """Every process group of this process except the default one."""
+    world = dist.distributed_c10d._world
+    return [g for g in world.pg_map if g is not dist.GroupMember.WORLD]
 
 
 class RankFailure(RuntimeError):

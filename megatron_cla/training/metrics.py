@@ -5,7 +5,8 @@ Only global rank 0 writes. Every ``log_interval`` steps a line like::
     step 100/300 | loss 4.8123 | lr 1.80e-03 | grad norm 0.912 | 3,412 tok/s | mem 0.61 GB |
     KV cache 8,192 B/token (no CLA: 16,384)
 
-Evaluations add ``val loss`` and ``val ppl``; the run ends with a summary.
+Evaluations add ``val loss`` and ``val ppl``; the run ends with a summary line and
+``summary.json`` (steps, tokens, final validation ppl, parameters, KV bytes/token, tokens/s).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class RunReporter:
         self.writer = self.bar = self.metrics = None
         if not self.active:
             return
+        self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
@@ -138,6 +140,19 @@ class RunReporter:
             f"B/token vs {without:,} without CLA ({with_cla / without:.2f}x) | peak memory "
             f"{peak_memory_gb():.2f} GB"
         )
+        summary = {
+            "name": name,
+            "steps": step,
+            "tokens": step * self.tokens_per_step,
+            "val_ppl": val_ppl,
+            "params": params,
+            "kv_bytes_per_token": with_cla,
+            "kv_bytes_per_token_without_cla": without,
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "seconds": elapsed,
+            "peak_memory_gb": peak_memory_gb(),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if self.writer is not None:
             self.writer.close()
         self.metrics.close()

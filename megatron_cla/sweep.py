@@ -1,0 +1,289 @@
+"""Train a grid of CLA variants: ``python -m megatron_cla.sweep --grid configs/sweeps/X.yaml``.
+
+A grid file names a base config, overrides common to every run, the seeds, and the variants
+(each a list of overrides); optionally an LR sweep over some variants. Every run trains with the
+same data (``data.dir``, ``data.seed``: identical data order) and the same token budget (the grid
+is rejected otherwise), one ``python -m megatron_cla.pretrain`` process per run, one after the
+other. Finished runs (``summary.json`` at the final step) are skipped and interrupted ones resume
+from their checkpoints, so the command can be re-run until the grid is done. After every run the
+results table is rewritten: ``results.csv`` and ``results.json`` in the output directory
+(variant, lr, seed, KV bytes/token, params, tokens, validation ppl, tokens/s, seconds).
+
+Grid file::
+
+    name: cpu_small
+    base: configs/tiny_mqa.yaml            # relative to the working directory
+    common: [train.train_iters=150, data.dir=runs/data/default]
+    seeds: [1, 2, 3]
+    variants:
+      H64-MQA: [model.num_attention_heads=4]
+      H64-MQA-CLA2: [model.num_attention_heads=4, model.cla_share_factor=2]
+    lr_sweep:                               # optional: more learning rates for some variants
+      variants: [H64-MQA, H64-MQA-CLA2]
+      lrs: [1.0e-3, 4.0e-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from megatron_cla.training.config import PretrainConfig, load_config
+
+__all__ = ["Grid", "SweepRun", "load_grid", "plan_runs", "run_sweep", "main"]
+
+RESULT_FIELDS = [
+    "variant",
+    "lr",
+    "main",
+    "seed",
+    "kv_bytes_per_token",
+    "params",
+    "tokens",
+    "val_ppl",
+    "tokens_per_s",
+    "seconds",
+]
+
+
+@dataclasses.dataclass
+class Grid:
+    """A sweep definition (see the module docstring)."""
+
+    name: str
+    """Name of the sweep (shown in logs and reports)."""
+    base: str
+    """Base pretraining config (YAML path)."""
+    common: list[str]
+    """Overrides applied to every run (token budget, data, logging)."""
+    seeds: list[int]
+    """``train.seed`` of the repeats of every variant (weight initialisation)."""
+    variants: dict[str, list[str]]
+    """Variant name -> its overrides."""
+    lr_sweep_variants: list[str] = dataclasses.field(default_factory=list)
+    """Variants that are also trained at ``lr_sweep_lrs``."""
+    lr_sweep_lrs: list[float] = dataclasses.field(default_factory=list)
+    """Extra peak learning rates (``train.min_lr`` follows at a tenth)."""
+    claims: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    """Orderings to check in the report: ``{better: A, worse: B, paper: "..."}``."""
+
+
+@dataclasses.dataclass
+class SweepRun:
+    """One training run of the grid."""
+
+    variant: str
+    lr: float
+    seed: int
+    config: PretrainConfig
+    overrides: list[str]
+    main: bool = True
+    """At the variant's base learning rate (False: an LR-sweep run)."""
+
+    def directory(self, out: Path) -> Path:
+        """Where the run writes (checkpoints, metrics, summary)."""
+        return out / "runs" / self.variant / f"lr{self.lr:g}" / f"seed{self.seed}"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def load_grid(path: Path) -> Grid:
+    """Read and check a grid file."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    known = {"name", "base", "common", "seeds", "variants", "lr_sweep", "claims"}
+    _require(
+        not set(raw) - known,
+        f"{path}: unknown key(s) {sorted(set(raw) - known)}; valid: {sorted(known)}",
+    )
+    for key in ("name", "base", "seeds", "variants"):
+        _require(key in raw, f"{path}: missing key {key!r}")
+    sweep = raw.get("lr_sweep") or {}
+    grid = Grid(
+        name=str(raw["name"]),
+        base=str(raw["base"]),
+        common=[str(o) for o in raw.get("common") or []],
+        seeds=[int(s) for s in raw["seeds"]],
+        variants={str(k): [str(o) for o in v or []] for k, v in raw["variants"].items()},
+        lr_sweep_variants=[str(v) for v in sweep.get("variants", [])],
+        lr_sweep_lrs=[float(lr) for lr in sweep.get("lrs", [])],
+        claims=[{str(k): str(v) for k, v in c.items()} for c in raw.get("claims") or []],
+    )
+    named = {c.get(k) for c in grid.claims for k in ("better", "worse")}
+    _require(
+        all({"better", "worse"} <= set(c) for c in grid.claims) and named <= set(grid.variants),
+        f"{path}: every claim needs `better` and `worse` naming variants of the grid",
+    )
+    unknown = sorted(set(grid.lr_sweep_variants) - set(grid.variants))
+    _require(not unknown, f"{path}: lr_sweep names unknown variant(s) {unknown}")
+    _require(len(set(grid.seeds)) == len(grid.seeds) >= 1, f"{path}: seeds must be distinct")
+    return grid
+
+
+def _forbidden(overrides: list[str], where: str) -> None:
+    """Variants may not change what must be identical across the grid."""
+    shared = (
+        "data.",
+        "train.train_iters",
+        "train.global_batch_size",
+        "model.seq_length",
+        "train.seed",
+        "train.lr=",
+        "logging.run_dir",
+    )
+    bad = [o for o in overrides if o.startswith(shared)]
+    _require(
+        not bad,
+        f"{where} sets {bad}: data, token budget, seed, lr and run_dir are set "
+        f"by the sweep (put shared settings in `common`)",
+    )
+
+
+def _make_run(
+    grid: Grid, variant: str, overrides: list[str], lr: float, seed: int, out: Path
+) -> SweepRun:
+    directory = out / "runs" / variant / f"lr{lr:g}" / f"seed{seed}"
+    run_overrides = [
+        *grid.common,
+        *overrides,
+        f"train.seed={seed}",
+        f"train.lr={lr}",
+        f"train.min_lr={lr / 10}",
+        "logging.progress_bar=false",
+        f"logging.run_dir={directory}",
+    ]
+    return SweepRun(variant, lr, seed, load_config(Path(grid.base), run_overrides), run_overrides)
+
+
+def plan_runs(grid: Grid, out: Path) -> list[SweepRun]:
+    """Every run of the grid, validated (identical data order and token budget)."""
+    runs = []
+    for variant, overrides in grid.variants.items():
+        _forbidden(overrides, f"variant {variant}")
+        base_cfg = load_config(Path(grid.base), [*grid.common, *overrides])
+        lrs = [base_cfg.train.lr]
+        if variant in grid.lr_sweep_variants:
+            lrs += [lr for lr in grid.lr_sweep_lrs if lr != base_cfg.train.lr]
+        for lr in lrs:
+            for seed in grid.seeds:
+                runs.append(_make_run(grid, variant, overrides, lr, seed, out))
+                runs[-1].main = lr == lrs[0]
+    _same_budget_and_data(runs)
+    return runs
+
+
+def _same_budget_and_data(runs: list[SweepRun]) -> None:
+    def key(run: SweepRun) -> tuple:
+        c = run.config
+        tokens = c.train.train_iters * c.train.global_batch_size * c.model.seq_length
+        return tokens, c.data.dir, c.data.seed, tuple(c.data.inputs), c.data.vocab_size
+
+    keys = {key(r) for r in runs}
+    _require(
+        len(keys) == 1,
+        f"runs differ in token budget or data (tokens, dir, seed, "
+        f"inputs, vocab): {sorted(keys, key=str)}; set them in `common` only",
+    )
+
+
+def _finished(run: SweepRun, out: Path) -> Optional[dict[str, Any]]:
+    path = run.directory(out) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary["steps"] == run.config.train.train_iters else None
+
+
+def _train(run: SweepRun, base: str, out: Path) -> dict[str, Any]:
+    directory = run.directory(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "megatron_cla.pretrain", "--config", base, *run.overrides]
+    with open(directory / "train.log", "a", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    summary = _finished(run, out)
+    if proc.returncode != 0 or summary is None:
+        raise RuntimeError(f"run {directory} failed (exit {proc.returncode}); see its train.log")
+    return summary
+
+
+def _row(run: SweepRun, summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "variant": run.variant,
+        "lr": run.lr,
+        "main": run.main,
+        "seed": run.seed,
+        **{k: summary[k] for k in RESULT_FIELDS[4:]},
+    }
+
+
+def write_results(rows: list[dict[str, Any]], out: Path) -> None:
+    """``results.csv`` and ``results.json`` of the runs finished so far."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_sweep(grid: Grid, out: Path) -> list[dict[str, Any]]:
+    """Train every unfinished run of ``grid``; returns the results rows."""
+    runs = plan_runs(grid, out)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for i, run in enumerate(runs, start=1):
+        summary = _finished(run, out)
+        status = "done before"
+        if summary is None:
+            summary, status = _train(run, grid.base, out), "trained"
+        rows.append(_row(run, summary))
+        write_results(rows, out)
+        print(
+            f"[{i}/{len(runs)}] {run.variant} lr {run.lr:g} seed {run.seed}: val ppl "
+            f"{summary['val_ppl']:.2f} | {summary['kv_bytes_per_token']:,} KV B/token | "
+            f"{summary['tokens_per_s']:,.0f} tok/s | {status} | "
+            f"{time.perf_counter() - started:,.0f} s elapsed",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_cla.sweep", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--grid", type=Path, required=True, help="grid YAML")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/sweeps/NAME")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    args = parser.parse_args(argv)
+    try:
+        grid = load_grid(args.grid)
+        out = args.out or Path("runs/sweeps") / grid.name
+        runs = plan_runs(grid, out)
+    except ValueError as err:
+        sys.exit(f"invalid sweep: {err}")
+    print(
+        f"sweep {grid.name}: {len(runs)} runs ({len(grid.variants)} variants x "
+        f"{len(grid.seeds)} seeds + LR sweep) -> {out}"
+    )
+    if args.dry_run:
+        for run in runs:
+            print(f"  {run.variant} lr {run.lr:g} seed {run.seed}: {' '.join(run.overrides)}")
+        return
+    run_sweep(grid, out)
+    print(f"results: {out / 'results.csv'}")
+
+
+if __name__ == "__main__":
+    main()
