@@ -21,6 +21,7 @@ No source at all is an error, not plain attention.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -238,12 +239,12 @@ class CLATransformerLayer(TransformerLayer):
                 f"Build it with megatron_cla.inference.CLADynamicInferenceContext.for_model(model, "
                 f"...) or use megatron_cla.inference.CLAStaticInferenceEngine."
             )
-        if self.cla_is_producer:
-            hidden_states, _ = super()._forward_attention(
-                hidden_states, attention_mask, None, *args, **kwargs
-            )
-            return hidden_states, None
-        with self.self_attention.reading_paged_cache():
+        reading = (
+            contextlib.nullcontext()
+            if self.cla_is_producer
+            else self.self_attention.reading_paged_cache()
+        )
+        with reading:
             hidden_states, _ = super()._forward_attention(
                 hidden_states, attention_mask, None, *args, **kwargs
             )

@@ -91,7 +91,12 @@ class SweepRun:
 
     def directory(self, out: Path) -> Path:
         """Where the run writes (checkpoints, metrics, summary)."""
-        return out / "runs" / self.variant / f"lr{self.lr:g}" / f"seed{self.seed}"
+        return run_directory(out, self.variant, self.lr, self.seed)
+
+
+def run_directory(out: Path, variant: str, lr: float, seed: int) -> Path:
+    """Directory of one run under the sweep's output directory."""
+    return out / "runs" / variant / f"lr{lr:g}" / f"seed{seed}"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -153,7 +158,7 @@ def _forbidden(overrides: list[str], where: str) -> None:
 def _make_run(
     grid: Grid, variant: str, overrides: list[str], lr: float, seed: int, out: Path
 ) -> SweepRun:
-    directory = out / "runs" / variant / f"lr{lr:g}" / f"seed{seed}"
+    directory = run_directory(out, variant, lr, seed)
     run_overrides = [
         *grid.common,
         *overrides,

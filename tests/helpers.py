@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -9,6 +11,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_cla import CLATransformerConfig, get_cla_decoder_block_spec
+from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl, write_jsonl
+from megatron_cla.data.prepare import prepare
 from megatron_cla.testing import device
 
 VOCAB = 96
@@ -138,3 +142,12 @@ def greedy_reference(model: GPTModel, tokens: list[int], steps: int) -> list[int
             )
             out.append(int(logits[0, -1].argmax()))
     return out[len(tokens) :]
+
+
+def prepared_corpus_sample(root: Path, documents: int, vocab_size: int) -> Path:
+    """``root/data``: tokenizer and Megatron datasets of the embedded corpus's first
+    ``documents`` documents (5 % held out for validation)."""
+    docs = root / "docs.jsonl"
+    write_jsonl(itertools.islice(read_jsonl(EMBEDDED_CORPUS), documents), docs)
+    prepare([docs], root / "data", vocab_size=vocab_size, valid_percent=5)
+    return root / "data"

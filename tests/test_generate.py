@@ -4,7 +4,6 @@ checked against greedy decoding by full no-cache forwards of the same weights.""
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -13,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl, write_jsonl
-from megatron_cla.data.prepare import prepare
+from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl
 from megatron_cla.generate import find_checkpoint, serving_config
 from megatron_cla.testing import run_on_ranks
-from tests.helpers import greedy_reference
+from tests.helpers import greedy_reference, prepared_corpus_sample
 from tests.pretrain_worker import pretrain_on_rank, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +27,7 @@ NEW_TOKENS = 12
 def trained_run(tmp_path_factory) -> Path:
     """A tiny CLA2 run trained for 16 steps on 2 pipeline stages (checkpoint at PP 2)."""
     root = tmp_path_factory.mktemp("generate")
-    docs = root / "docs.jsonl"
-    write_jsonl(itertools.islice(read_jsonl(EMBEDDED_CORPUS), 300), docs)
-    prepare([docs], root / "data", vocab_size=512, valid_percent=5)
+    prepared_corpus_sample(root, 300, 512)
     overrides = tiny_overrides(root / "run", root / "data", 16, "parallel.pipeline=2")
     run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
     return root / "run"

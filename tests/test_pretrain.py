@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import signal
@@ -13,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl, write_jsonl
-from megatron_cla.data.prepare import prepare
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.training.checkpoint import Checkpointer, CorruptCheckpoint
 from megatron_cla.training.config import load_config
 from megatron_cla.training.model import resumed_vocab_size
 from megatron_cla.training.plan import make_plan
+from tests.helpers import prepared_corpus_sample
 from tests.pretrain_worker import pretrain_on_rank, step_losses, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,21 +27,13 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A small prepared dataset (400 documents of the embedded corpus, vocab 512)."""
-    root = tmp_path_factory.mktemp("pretrain_data")
-    docs = root / "docs.jsonl"
-    write_jsonl(itertools.islice(read_jsonl(EMBEDDED_CORPUS), 400), docs)
-    prepare([docs], root / "data", vocab_size=512, valid_percent=5)
-    return root / "data"
+    return prepared_corpus_sample(tmp_path_factory.mktemp("pretrain_data"), 400, 512)
 
 
 @pytest.fixture(scope="module")
 def odd_vocab_data_dir(tmp_path_factory) -> Path:
     """Like ``data_dir`` with 600 tokens: Megatron pads that to 640 at TP1 but 768 at TP2."""
-    root = tmp_path_factory.mktemp("pretrain_data_600")
-    docs = root / "docs.jsonl"
-    write_jsonl(itertools.islice(read_jsonl(EMBEDDED_CORPUS), 400), docs)
-    prepare([docs], root / "data", vocab_size=600, valid_percent=5)
-    return root / "data"
+    return prepared_corpus_sample(tmp_path_factory.mktemp("pretrain_data_600"), 400, 600)
 
 
 def _launch(overrides: list[str], **kwargs) -> subprocess.Popen:

@@ -3,7 +3,6 @@ validation, resumption, and the claim check."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import subprocess
@@ -13,10 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl, write_jsonl
-from megatron_cla.data.prepare import prepare
 from megatron_cla.sweep import load_grid, plan_runs
 from megatron_cla.sweep_report import VariantStats, check_claim, write_report
+from tests.helpers import prepared_corpus_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -59,10 +57,7 @@ def _grid(tmp_path: Path, data_dir: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sweep_data")
-    write_jsonl(itertools.islice(read_jsonl(EMBEDDED_CORPUS), 200), root / "docs.jsonl")
-    prepare([root / "docs.jsonl"], root / "data", vocab_size=512, valid_percent=5)
-    return root / "data"
+    return prepared_corpus_sample(tmp_path_factory.mktemp("sweep_data"), 200, 512)
 
 
 def _module(name: str, *args: str) -> subprocess.CompletedProcess:

@@ -252,7 +252,7 @@ def load_config(path: Optional[Path], overrides: list[str] = ()) -> PretrainConf
         values = yaml.safe_load(Path(path).read_text()) or {}
     for override in overrides:
         _apply_override(values, override)
-    return _build(PretrainConfig, values, "")
+    return config_from_dict(values)
 
 
 def config_from_dict(values: dict) -> PretrainConfig:
