@@ -7,15 +7,20 @@ in machine load hit them equally), and reported as ratios:
   GEMMs);
 * ``S=1 / stock`` -- the overhead of the CLA code path when nothing is shared (expected ~1.00).
 
-Runs on CPU (gloo) or on one GPU. Example::
+Runs on CPU (gloo) or on one GPU. On a GPU with Transformer Engine, ``--te`` uses the TE specs
+(fused attention, layernorm-fused linears), ``--fp8 RECIPE`` FP8 GEMMs, and ``--sequential`` builds
+and times one model at a time so that each gets the whole GPU and its own peak memory. Example::
 
     python benchmarks/cla_step_time.py                      # tiny default, a minute on a laptop
     python benchmarks/cla_step_time.py --hidden 2048 --layers 20 --heads 16 --seq 2048  # 1B-ish
+    python benchmarks/cla_step_time.py --te --sequential --hidden 2048 --layers 24 --heads 16 \
+        --seq 4096 --batch 8 --vocab 32000                  # fills an 80 GB H100
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -56,8 +61,16 @@ def _args() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--steps", type=int, default=15, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--te", action="store_true", help="Transformer Engine specs (GPU)")
+    p.add_argument("--fp8", default=None, help="FP8 recipe with --te: delayed, tensorwise, ...")
+    p.add_argument("--sequential", action="store_true", help="one model at a time (GPU memory)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return p.parse_args()
+    a = p.parse_args()
+    if (a.te or a.fp8) and not torch.cuda.is_available():
+        p.error("--te and --fp8 need a GPU")
+    if a.fp8 and not a.te:
+        p.error("--fp8 needs --te (the local spec has no FP8 GEMMs)")
+    return a
 
 
 def _config(a: argparse.Namespace, share_factor: int) -> CLATransformerConfig:
@@ -77,6 +90,9 @@ def _config(a: argparse.Namespace, share_factor: int) -> CLATransformerConfig:
         bf16=on_gpu,
         params_dtype=torch.bfloat16 if on_gpu else torch.float32,
         cla_share_factor=share_factor,
+        transformer_impl="transformer_engine" if a.te else "local",
+        masked_softmax_fusion=False,  # Megatron's fused softmax kernels are not in the wheel
+        **(dict(fp8="hybrid", fp8_recipe=a.fp8) if a.fp8 else {}),
     )
 
 
@@ -123,33 +139,65 @@ def _train_step(model, optimizer, batch) -> float:
     return time.perf_counter() - start
 
 
+def _specs(a: argparse.Namespace) -> dict[str, tuple[CLATransformerConfig, object]]:
+    cla1, cla2 = _config(a, 1), _config(a, 2)
+    stock = get_gpt_decoder_block_spec(cla1, a.te, normalization="RMSNorm")
+    return {
+        "stock": (cla1, stock),
+        "S=1": (cla1, get_cla_decoder_block_spec(cla1, use_transformer_engine=a.te)),
+        "CLA2": (cla2, get_cla_decoder_block_spec(cla2, use_transformer_engine=a.te)),
+    }
+
+
+def _time_interleaved(a: argparse.Namespace, specs: dict) -> tuple[dict, dict]:
+    """All models resident, one step of each in turn: load drifts hit all models alike."""
+    models = {k: _model(config, spec, a) for k, (config, spec) in specs.items()}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    batch = _batch(a)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for step in range(a.warmup + a.steps):
+        for name, model in models.items():
+            elapsed = _train_step(model, optimizers[name], batch)
+            if step >= a.warmup:
+                times[name].append(elapsed)
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    return times, {k: {"params": n} for k, n in params.items()}
+
+
+def _time_sequential(a: argparse.Namespace, specs: dict) -> tuple[dict, dict]:
+    """One model at a time on the GPU: its step times and its own peak memory."""
+    times, extra = {}, {}
+    batch = _batch(a)
+    for name, (config, spec) in specs.items():
+        model = _model(config, spec, a)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        torch.cuda.reset_peak_memory_stats()
+        steps = [_train_step(model, optimizer, batch) for _ in range(a.warmup + a.steps)]
+        times[name] = steps[a.warmup :]
+        extra[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+        }
+        del model, optimizer
+        gc.collect()
+        torch.cuda.empty_cache()
+    return times, extra
+
+
 def main() -> None:
     a = _args()
     if not torch.cuda.is_available():
         enable_megatron_on_cpu()
     init_process_group_once()
     with model_parallel():
-        cla1, cla2 = _config(a, 1), _config(a, 2)
-        stock_spec = get_gpt_decoder_block_spec(cla1, False, normalization="RMSNorm")
-        models = {
-            "stock": _model(cla1, stock_spec, a),
-            "S=1": _model(cla1, get_cla_decoder_block_spec(cla1, use_transformer_engine=False), a),
-            "CLA2": _model(cla2, get_cla_decoder_block_spec(cla2, use_transformer_engine=False), a),
-        }
-        optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-        batch = _batch(a)
-        times: dict[str, list[float]] = {k: [] for k in models}
-        for step in range(a.warmup + a.steps):
-            for name, model in models.items():  # interleaved: load drifts hit all models alike
-                elapsed = _train_step(model, optimizers[name], batch)
-                if step >= a.warmup:
-                    times[name].append(elapsed)
-    configs = {"stock": cla1, "S=1": cla1, "CLA2": cla2}
+        specs = _specs(a)
+        measure = _time_sequential if a.sequential and torch.cuda.is_available() else None
+        times, extra = (measure or _time_interleaved)(a, specs)
     rows = {}
-    for name, model in models.items():
-        shape = DecoderShape.from_config(configs[name], configs[name].cla_sharing)
+    for name, (config, _) in specs.items():
+        shape = DecoderShape.from_config(config, config.cla_sharing)
         rows[name] = dict(
-            params=sum(p.numel() for p in model.parameters()),
+            **extra[name],
             flops_per_token=flops_per_token(shape, a.seq, a.vocab),
             kv_bytes_per_token=kv_cache_bytes_per_token(shape),
             step_ms=1000 * statistics.median(times[name]),
@@ -160,20 +208,25 @@ def main() -> None:
 
 def _report(a: argparse.Namespace, rows: dict) -> None:
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"device: {where}; torch {torch.__version__}; threads {torch.get_num_threads()}")
+    backend = ("TE" if a.te else "local") + (f" + FP8 {a.fp8}" if a.fp8 else "")
+    print(
+        f"device: {where}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+        f"{backend} spec; {'sequential' if a.sequential else 'interleaved'}"
+    )
     print(
         f"model: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, {a.groups} KV heads, "
         f"seq {a.seq}, batch {a.batch}; median of {a.steps} steps after {a.warmup} warm-up"
     )
     print(
-        f"{'model':<6} {'params':>12} {'FLOPs/token':>14} {'KV B/token':>11} {'step ms':>9} "
-        f"{'(p25-p75)':>15}"
+        f"{'model':<6} {'params':>14} {'FLOPs/token':>15} {'KV B/token':>11} {'step ms':>9} "
+        f"{'(p25-p75)':>15} {'peak GB':>8}"
     )
     for name, r in rows.items():
         low, high = r["step_ms_iqr"]
+        peak = f"{r['peak_memory_gb']:8.2f}" if "peak_memory_gb" in r else f"{'-':>8}"
         print(
-            f"{name:<6} {r['params']:>12,} {r['flops_per_token']:>14,} "
-            f"{r['kv_bytes_per_token']:>11,} {r['step_ms']:>9.1f} {low:>7.1f}-{high:<7.1f}"
+            f"{name:<6} {r['params']:>14,} {r['flops_per_token']:>15,} "
+            f"{r['kv_bytes_per_token']:>11,} {r['step_ms']:>9.1f} {low:>7.1f}-{high:<7.1f} {peak}"
         )
     ratios = {
         "CLA2/S=1 params": rows["CLA2"]["params"] / rows["S=1"]["params"],
@@ -183,6 +236,13 @@ def _report(a: argparse.Namespace, rows: dict) -> None:
         "CLA2/S=1 step time": rows["CLA2"]["step_ms"] / rows["S=1"]["step_ms"],
         "S=1/stock step time": rows["S=1"]["step_ms"] / rows["stock"]["step_ms"],
     }
+    if "peak_memory_gb" in rows["CLA2"]:
+        ratios["CLA2/S=1 peak memory"] = (
+            rows["CLA2"]["peak_memory_gb"] / rows["S=1"]["peak_memory_gb"]
+        )
+        ratios["S=1/stock peak memory"] = (
+            rows["S=1"]["peak_memory_gb"] / rows["stock"]["peak_memory_gb"]
+        )
     for name, value in ratios.items():
         print(f"{name:<26} {value:.3f}")
     if a.json:

@@ -43,6 +43,28 @@ def require_transformer_engine(what: str) -> None:
         )
 
 
+FP8_RECIPES: dict[str, str] = {
+    "delayed": "check_fp8_support",
+    "tensorwise": "check_fp8_support",
+    "blockwise": "check_fp8_block_scaling_support",
+    "mxfp8": "check_mxfp8_support",
+}
+"""Megatron's FP8 recipes (``TransformerConfig.fp8_recipe``) -> TE's support check."""
+
+
+def fp8_recipe_support(recipe: str) -> tuple[bool, str]:
+    """Whether this GPU and Transformer Engine can run ``recipe`` (TE's own check and reason).
+
+    TE 2.8 moved the checks from ``transformer_engine.pytorch.fp8`` to ``.quantization``.
+    """
+    try:
+        from transformer_engine.pytorch import quantization as checks
+    except ImportError:
+        from transformer_engine.pytorch import fp8 as checks
+    ok, reason = getattr(checks, FP8_RECIPES[recipe])()
+    return bool(ok), str(reason)
+
+
 def global_layer_number(
     config: Any,
     layer_number: int,

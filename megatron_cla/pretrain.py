@@ -172,6 +172,7 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
         f" | world {plan.world_size} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP "
         f"{dp} | {plan.num_microbatches} microbatches/step | {plan.dtype} on "
         f"{'GPU' if on_gpu else 'CPU'} | {'TE' if plan.use_transformer_engine else 'local'} spec"
+        + (f" | FP8 {cfg.train.fp8} ({cfg.train.fp8_format})" if cfg.train.fp8 else "")
         + (f" | resumed from step {state.iteration}" if state.iteration else "")
     )
     run = Run(

@@ -143,10 +143,28 @@ def get_gpt_layer_with_cla_transformer_engine_spec(
     return cla_layer_spec_from_stock(stock, **params)
 
 
-def _checked_block_options(config: Any, use_transformer_engine: bool) -> dict[str, Any]:
-    """Validate the CLA setup; the options Megatron's block-spec functions take from it."""
+def _check_backend(config: Any, use_transformer_engine: bool) -> None:
+    """FP8 and context parallelism exist only in the Transformer Engine spec."""
     if use_transformer_engine:
         require_transformer_engine("CLA block specs with use_transformer_engine=True")
+        return
+    if getattr(config, "fp8", None):
+        raise ValueError(
+            f"fp8={config.fp8!r} with the local spec: Megatron's local linears have no FP8 GEMMs "
+            f"and would silently run in {'bf16' if config.bf16 else 'full precision'}. Fix: "
+            f"use_transformer_engine=True (cla_block_spec_te), or fp8=None."
+        )
+    if getattr(config, "context_parallel_size", 1) > 1:
+        raise ValueError(
+            f"context_parallel_size={config.context_parallel_size} with the local spec: only "
+            f"Transformer Engine's attention splits a sequence over ranks. Fix: "
+            f"use_transformer_engine=True (cla_block_spec_te), or context_parallel_size=1."
+        )
+
+
+def _checked_block_options(config: Any, use_transformer_engine: bool) -> dict[str, Any]:
+    """Validate the CLA setup; the options Megatron's block-spec functions take from it."""
+    _check_backend(config, use_transformer_engine)
     validate_cla_setup(config, resolve_sharing(config))
     return dict(normalization=config.normalization, qk_l2_norm=config.qk_l2_norm)
 

@@ -21,6 +21,7 @@ Grid file::
     lr_sweep:                               # optional: more learning rates for some variants
       variants: [H64-MQA, H64-MQA-CLA2]
       lrs: [1.0e-3, 4.0e-3]
+      seeds: [1, 2]                         # optional subset of `seeds` (default: all)
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class Grid:
     """Variants that are also trained at ``lr_sweep_lrs``."""
     lr_sweep_lrs: list[float] = dataclasses.field(default_factory=list)
     """Extra peak learning rates (``train.min_lr`` follows at a tenth)."""
+    lr_sweep_seeds: list[int] = dataclasses.field(default_factory=list)
+    """Seeds of the LR-sweep runs (a subset of ``seeds``; empty = all of them)."""
     claims: list[dict[str, str]] = dataclasses.field(default_factory=list)
     """Orderings to check in the report: ``{better: A, worse: B, paper: "..."}``."""
 
@@ -123,6 +126,7 @@ def load_grid(path: Path) -> Grid:
         variants={str(k): [str(o) for o in v or []] for k, v in raw["variants"].items()},
         lr_sweep_variants=[str(v) for v in sweep.get("variants", [])],
         lr_sweep_lrs=[float(lr) for lr in sweep.get("lrs", [])],
+        lr_sweep_seeds=[int(s) for s in sweep.get("seeds", [])],
         claims=[{str(k): str(v) for k, v in c.items()} for c in raw.get("claims") or []],
     )
     named = {c.get(k) for c in grid.claims for k in ("better", "worse")}
@@ -133,6 +137,8 @@ def load_grid(path: Path) -> Grid:
     unknown = sorted(set(grid.lr_sweep_variants) - set(grid.variants))
     _require(not unknown, f"{path}: lr_sweep names unknown variant(s) {unknown}")
     _require(len(set(grid.seeds)) == len(grid.seeds) >= 1, f"{path}: seeds must be distinct")
+    extra = sorted(set(grid.lr_sweep_seeds) - set(grid.seeds))
+    _require(not extra, f"{path}: lr_sweep seeds {extra} are not in seeds {grid.seeds}")
     return grid
 
 
@@ -181,9 +187,10 @@ def plan_runs(grid: Grid, out: Path) -> list[SweepRun]:
         if variant in grid.lr_sweep_variants:
             lrs += [lr for lr in grid.lr_sweep_lrs if lr != base_cfg.train.lr]
         for lr in lrs:
-            for seed in grid.seeds:
+            main = lr == lrs[0]
+            for seed in grid.seeds if main else (grid.lr_sweep_seeds or grid.seeds):
                 runs.append(_make_run(grid, variant, overrides, lr, seed, out))
-                runs[-1].main = lr == lrs[0]
+                runs[-1].main = main
     _same_budget_and_data(runs)
     return runs
 
@@ -210,16 +217,30 @@ def _finished(run: SweepRun, out: Path) -> Optional[dict[str, Any]]:
     return summary if summary["steps"] == run.config.train.train_iters else None
 
 
-def _train(run: SweepRun, base: str, out: Path) -> dict[str, Any]:
+def _start(run: SweepRun, base: str, out: Path) -> subprocess.Popen:
     directory = run.directory(out)
     directory.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "megatron_cla.pretrain", "--config", base, *run.overrides]
     with open(directory / "train.log", "a", encoding="utf-8") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _collect(run: SweepRun, out: Path, returncode: int) -> dict[str, Any]:
     summary = _finished(run, out)
-    if proc.returncode != 0 or summary is None:
-        raise RuntimeError(f"run {directory} failed (exit {proc.returncode}); see its train.log")
+    if returncode != 0 or summary is None:
+        raise RuntimeError(
+            f"run {run.directory(out)} failed (exit {returncode}); see its train.log"
+        )
     return summary
+
+
+def _next_done(active: dict[int, subprocess.Popen]) -> tuple[int, int]:
+    """Wait for any active run to exit; its index and exit status."""
+    while True:
+        for index, proc in active.items():
+            if proc.poll() is not None:
+                return index, proc.returncode
+        time.sleep(0.5)
 
 
 def _row(run: SweepRun, summary: dict[str, Any]) -> dict[str, Any]:
@@ -242,26 +263,49 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> None:
         writer.writerows(rows)
 
 
-def run_sweep(grid: Grid, out: Path) -> list[dict[str, Any]]:
-    """Train every unfinished run of ``grid``; returns the results rows."""
+def run_sweep(grid: Grid, out: Path, parallel: int = 1) -> list[dict[str, Any]]:
+    """Train every unfinished run of ``grid``, ``parallel`` at a time; returns the result rows.
+
+    Several runs at a time help on a GPU that one small model cannot fill; their tokens/s are
+    then shares of the GPU (the report says how many ran at a time).
+    """
     runs = plan_runs(grid, out)
-    rows: list[dict[str, Any]] = []
+    summaries = {i: _finished(run, out) for i, run in enumerate(runs)}
+    pending = [i for i, summary in summaries.items() if summary is None]
+    active: dict[int, subprocess.Popen] = {}
     started = time.perf_counter()
-    for i, run in enumerate(runs, start=1):
-        summary = _finished(run, out)
-        status = "done before"
-        if summary is None:
-            summary, status = _train(run, grid.base, out), "trained"
-        rows.append(_row(run, summary))
+    reported = 0
+
+    def report(i: int, status: str) -> None:
+        nonlocal reported
+        reported += 1
+        run, summary = runs[i], summaries[i]
+        rows = [_row(runs[j], s) for j, s in summaries.items() if s is not None]
         write_results(rows, out)
         print(
-            f"[{i}/{len(runs)}] {run.variant} lr {run.lr:g} seed {run.seed}: val ppl "
+            f"[{reported}/{len(runs)}] {run.variant} lr {run.lr:g} seed {run.seed}: val ppl "
             f"{summary['val_ppl']:.2f} | {summary['kv_bytes_per_token']:,} KV B/token | "
             f"{summary['tokens_per_s']:,.0f} tok/s | {status} | "
             f"{time.perf_counter() - started:,.0f} s elapsed",
             flush=True,
         )
-    return rows
+
+    for i in sorted(set(summaries) - set(pending)):
+        report(i, "done before")
+    try:
+        while pending or active:
+            while pending and len(active) < parallel:
+                i = pending.pop(0)
+                active[i] = _start(runs[i], grid.base, out)
+            i, returncode = _next_done(active)
+            del active[i]
+            summaries[i] = _collect(runs[i], out, returncode)
+            report(i, "trained")
+    finally:
+        for proc in active.values():  # a failed run stops the sweep; the others resume later
+            proc.terminate()
+            proc.wait()
+    return [_row(run, summaries[i]) for i, run in enumerate(runs)]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -270,6 +314,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     parser.add_argument("--grid", type=Path, required=True, help="grid YAML")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/sweeps/NAME")
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="runs at a time (small models on one GPU)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     try:
@@ -286,7 +333,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         for run in runs:
             print(f"  {run.variant} lr {run.lr:g} seed {run.seed}: {' '.join(run.overrides)}")
         return
-    run_sweep(grid, out)
+    if args.parallel < 1:
+        sys.exit(f"invalid sweep: --parallel must be >= 1, got {args.parallel}")
+    run_sweep(grid, out, args.parallel)
     print(f"results: {out / 'results.csv'}")
 
 

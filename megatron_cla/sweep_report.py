@@ -186,15 +186,27 @@ def _claims(grid: Grid, stats: list[VariantStats]) -> list[str]:
     return lines
 
 
+def _matched_seeds(rows: list[dict[str, Any]], swept: list[str]) -> list[int]:
+    """Seeds run at every learning rate of every swept variant (so LRs are compared fairly)."""
+    cells: dict[tuple[str, float], set[int]] = {}
+    for row in rows:
+        if row["variant"] in swept:
+            cells.setdefault((row["variant"], row["lr"]), set()).add(row["seed"])
+    return sorted(set.intersection(*cells.values()))
+
+
 def _lr_table(rows: list[dict[str, Any]]) -> list[str]:
-    stats = aggregate(rows, main_only=False)
-    swept = sorted(
-        {s.variant for s in stats if not all(r["main"] for r in rows if r["variant"] == s.variant)}
-    )
+    swept = sorted({r["variant"] for r in rows if not r["main"]})
     if not swept:
         return []
-    lrs = sorted({s.lr for s in stats if s.variant in swept})
+    seeds = _matched_seeds(rows, swept)
+    stats = aggregate(
+        [r for r in rows if r["variant"] in swept and r["seed"] in seeds], main_only=False
+    )
+    lrs = sorted({s.lr for s in stats})
     lines = [
+        f"Seeds {seeds} (those run at every learning rate).",
+        "",
         "| variant | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " | best LR |",
         "|---|" + "---|" * (len(lrs) + 1),
     ]

@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_cla.testing import run_on_ranks
+from megatron_cla.training import plan as plan_module
+from megatron_cla.training.batches import context_parallel_shard
 from megatron_cla.training.checkpoint import Checkpointer, CorruptCheckpoint
 from megatron_cla.training.config import load_config
 from megatron_cla.training.model import resumed_vocab_size
@@ -78,6 +81,9 @@ def test_shipped_configs_are_valid(path):
         (["parallel.sequence_parallel=true"], 1, r"sequence_parallel needs parallel.tensor > 1"),
         (["parallel.context=2"], 2, r"context > 1 needs Transformer Engine"),
         (["train.precision=bf16"], 1, r"precision='bf16' on a CPU: use fp32"),
+        (["train.fp8=delayed"], 1, r"train.fp8='delayed' needs Transformer Engine on a GPU"),
+        (["train.fp8=fp4"], 1, r"train.fp8='fp4': use one of \['blockwise', 'delayed', 'mxf"),
+        (["train.fp8=delayed", "train.fp8_format=e5m2"], 1, r"fp8_format='e5m2': use hybrid"),
         (
             ["model.cla_share_factor=2", "model.num_layers=6", "parallel.pipeline=2"],
             2,
@@ -90,6 +96,40 @@ def test_shipped_configs_are_valid(path):
 def test_invalid_run_configs_fail_before_allocation(overrides, world, message):
     with pytest.raises(ValueError, match=message):
         make_plan(load_config(ROOT / "configs/tiny_mqa.yaml", overrides), world, on_gpu=False)
+
+
+@pytest.mark.parametrize(
+    "overrides,supported,message",
+    [
+        (["train.precision=fp32"], True, r"FP8 runs on top of bf16; set train.precision=bf16"),
+        (["model.seq_length=100", "train.micro_batch_size=1"], True, r"multiples of 16.*= 100"),
+        (["model.hidden_size=264", "model.num_attention_heads=4"], True, r"hidden_size = 264"),
+        ([], False, r"train.fp8='mxfp8' is not supported here \(needs compute capability 10"),
+    ],
+)
+def test_fp8_settings_are_checked_before_allocation(monkeypatch, overrides, supported, message):
+    """What only a TE + GPU machine can reach, with TE's hardware query answered for it."""
+    monkeypatch.setattr(plan_module, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(
+        plan_module,
+        "fp8_recipe_support",
+        lambda recipe: (supported, "" if supported else "needs compute capability 10.0+"),
+    )
+    cfg = load_config(
+        ROOT / "configs/tiny_mqa.yaml",
+        ["train.fp8=mxfp8", "train.transformer_engine=on", *overrides],
+    )
+    with pytest.raises(ValueError, match=message):
+        make_plan(cfg, 1, on_gpu=True)
+
+
+def test_context_parallel_shard_is_load_balanced():
+    batch = {"tokens": torch.arange(16).view(1, 16), "loss_mask": torch.ones(1, 16)}
+    shards = [context_parallel_shard(batch, rank, 2)["tokens"].tolist() for rank in (0, 1)]
+    assert shards == [[[0, 1, 2, 3, 12, 13, 14, 15]], [[4, 5, 6, 7, 8, 9, 10, 11]]]
+    assert context_parallel_shard(batch, 0, 1) is batch
+    with pytest.raises(ValueError, match=r"sequence length \(16\) to be a multiple of 2 x 3"):
+        context_parallel_shard(batch, 0, 3)
 
 
 def test_distributed_optimizer_needs_te_or_apex():

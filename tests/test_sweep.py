@@ -67,9 +67,21 @@ def _module(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_sweep_and_report_end_to_end(data_dir, tmp_path):
     grid, out, docs = _grid(tmp_path, data_dir), tmp_path / "out", tmp_path / "docs"
-    proc = _module("megatron_cla.sweep", "--grid", str(grid), "--out", str(out))
+    proc = _module("megatron_cla.sweep", "--grid", str(grid), "--out", str(out), "--parallel", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line[:5] for line in proc.stdout.splitlines() if line.startswith("[")] == [
+        "[1/4]",
+        "[2/4]",
+        "[3/4]",
+        "[4/4]",
+    ]
     rows = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in rows] == [  # grid order, whatever finished first
+        ("H32-MQA", 1),
+        ("H32-MQA", 2),
+        ("H32-MQA-CLA2", 1),
+        ("H32-MQA-CLA2", 2),
+    ]
     assert len(rows) == 4 and (out / "results.csv").read_text().count("\n") == 5  # 2 x 2 seeds
     assert {r["kv_bytes_per_token"] for r in rows if r["variant"] == "H32-MQA"} == {256}
     assert {r["kv_bytes_per_token"] for r in rows if r["variant"] == "H32-MQA-CLA2"} == {128}
@@ -114,6 +126,10 @@ ONLY_A = {"lr_sweep": None, "claims": []}
         ({"lr_sweep": {"variants": ["B"], "lrs": [1e-3]}}, r"lr_sweep names unknown variant"),
         ({"claims": [{"better": "A", "worse": "Z"}]}, r"every claim needs `better` and `worse`"),
         ({"seeds": [1, 1]}, r"seeds must be distinct"),
+        (
+            {"lr_sweep": {"variants": ["H32-MQA"], "lrs": [1e-3], "seeds": [9]}},
+            r"lr_sweep seeds \[9\] are not in seeds \[1, 2\]",
+        ),
         ({"sedes": [1]}, r"unknown key\(s\) \['sedes'\]"),
     ],
 )
@@ -162,6 +178,22 @@ def test_lr_sweep_runs_and_table(data_dir, tmp_path):
     text = write_report(grid, rows, tmp_path / "docs").read_text()
     assert "| H32-MQA-CLA2 | 22.50 ± 0.71 | 19.50 ± 0.71 | 20.00 ± 0.71 | 0.002 |" in text
     assert "| H32-MQA |" not in text.split("Learning-rate sensitivity")[1]  # not swept
+
+
+def test_lr_sweep_on_a_seed_subset_compares_matched_seeds(data_dir, tmp_path):
+    lr_sweep = {"variants": ["H32-MQA-CLA2"], "lrs": [4.0e-3], "seeds": [2]}
+    grid = load_grid(_grid(tmp_path, data_dir, lr_sweep=lr_sweep))
+    runs = plan_runs(grid, tmp_path / "out")
+    assert [(r.variant, r.lr, r.seed) for r in runs if not r.main] == [("H32-MQA-CLA2", 4e-3, 2)]
+    ppls = {(r.variant, r.lr, r.seed): 20.0 + i for i, r in enumerate(runs)}
+    rows = [
+        {"variant": v, "lr": lr, "main": lr == 2e-3, "seed": seed, "val_ppl": ppl}
+        | dict(kv_bytes_per_token=1, params=1, tokens=1, tokens_per_s=1.0, seconds=1.0)
+        for (v, lr, seed), ppl in ppls.items()
+    ]
+    text = write_report(grid, rows, tmp_path / "docs").read_text()
+    # Seed 2 only: CLA2 at 2e-3 is run 3 (ppl 23), at 4e-3 run 4 (ppl 24).
+    assert "Seeds [2]" in text and "| H32-MQA-CLA2 | 23.00 ± 0.00 | 24.00 ± 0.00 | 0.002 |" in text
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")))

@@ -11,6 +11,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_cla import (
     CLATransformerConfig,
     cla_layer_spec_from_stock,
+    get_cla_decoder_block_spec,
     get_gpt_layer_with_cla_local_spec,
 )
 from megatron_cla.layer import ENV_SHARE_FACTOR
@@ -250,3 +251,18 @@ def test_env_settings_are_validated(single_rank, monkeypatch):
 
 def test_cla_config_is_a_transformer_config():
     assert issubclass(CLATransformerConfig, TransformerConfig)
+
+
+def test_local_spec_rejects_fp8():
+    """The local spec's linears have no FP8 GEMMs: asking for FP8 there must not run in bf16."""
+    config = tiny_config(cla_share_factor=2)
+    config.fp8, config.bf16 = "hybrid", True  # as a TE run's config would carry
+    with pytest.raises(ValueError, match=r"fp8='hybrid' with the local spec.*silently run in bf16"):
+        get_cla_decoder_block_spec(config, use_transformer_engine=False)
+
+
+def test_local_spec_rejects_context_parallelism():
+    config = tiny_config(cla_share_factor=2)
+    config.context_parallel_size = 2
+    with pytest.raises(ValueError, match=r"context_parallel_size=2 with the local spec"):
+        get_cla_decoder_block_spec(config, use_transformer_engine=False)

@@ -118,6 +118,11 @@ class TrainConfig:
     """``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp16`` or ``fp32``."""
     transformer_engine: str = "auto"
     """``auto`` (TE specs when installed and on GPU), ``on`` or ``off``."""
+    fp8: Optional[str] = None
+    """FP8 GEMMs through Transformer Engine with Megatron's recipe ``delayed``, ``tensorwise``
+    (current scaling), ``blockwise`` or ``mxfp8`` (Blackwell); None = off. Needs bf16."""
+    fp8_format: str = "hybrid"
+    """``hybrid`` (E4M3 forward, E5M2 gradients) or ``e4m3`` (both)."""
     recompute_granularity: Optional[str] = None
     """``full`` or ``selective`` activation recomputation (None: off)."""
     recompute_method: Optional[str] = None
@@ -207,6 +212,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if annotation is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads on/off (transformer_engine=on) as bools
     if annotation in (int, float, str, bool) and (
         not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
     ):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from megatron_cla._compat import transformer_engine_available
+from megatron_cla._compat import FP8_RECIPES, fp8_recipe_support, transformer_engine_available
 from megatron_cla.config import CLATransformerConfig
 from megatron_cla.training.config import PretrainConfig
 
@@ -69,6 +69,44 @@ def _use_te(setting: str, on_gpu: bool) -> bool:
             "package (pip install megatron-cla[te]); use auto or off",
         )
     return available if setting == "auto" else setting == "on"
+
+
+def _fp8_settings(cfg: PretrainConfig, dtype: torch.dtype, use_te: bool) -> dict[str, Any]:
+    """``TransformerConfig`` FP8 fields for ``train.fp8``; every unsupported setup is rejected."""
+    t, m, p = cfg.train, cfg.model, cfg.parallel
+    if t.fp8 is None:
+        return {}
+    _require(
+        t.fp8 in FP8_RECIPES,
+        f"train.fp8={t.fp8!r}: use one of {sorted(FP8_RECIPES)} (or leave it unset)",
+    )
+    _require(
+        t.fp8_format in ("hybrid", "e4m3"),
+        f"train.fp8_format={t.fp8_format!r}: use hybrid or e4m3",
+    )
+    _require(
+        use_te,
+        f"train.fp8={t.fp8!r} needs Transformer Engine on a GPU (the local spec has no FP8 "
+        f"GEMMs); install megatron-cla[te] and set train.transformer_engine=on",
+    )
+    _require(
+        dtype in (torch.bfloat16, torch.float16),
+        f"train.fp8={t.fp8!r} with train.precision={t.precision!r}: FP8 runs on top of bf16; "
+        f"set train.precision=bf16",
+    )
+    tokens = t.micro_batch_size * m.seq_length // p.context
+    _require(
+        tokens % 16 == 0 and m.hidden_size % 16 == 0 and _ffn(m) % 16 == 0,
+        f"FP8 GEMMs need multiples of 16: micro_batch_size x seq_length / context = {tokens}, "
+        f"hidden_size = {m.hidden_size}, ffn = {_ffn(m)}; adjust them or drop train.fp8",
+    )
+    supported, reason = fp8_recipe_support(t.fp8)
+    _require(
+        supported,
+        f"train.fp8={t.fp8!r} is not supported here ({reason}); on Hopper use delayed, "
+        f"tensorwise or blockwise",
+    )
+    return dict(fp8=t.fp8_format, fp8_recipe=t.fp8)
 
 
 def _parallel_sizes(cfg: PretrainConfig, world_size: int) -> tuple[int, int]:
@@ -168,11 +206,15 @@ def _transformer_config(
         recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers,
         use_cpu_initialization=not on_gpu,
+        # Megatron's fused softmax needs its own CUDA kernels, which the pip wheel does not ship;
+        # TE's attention does its own softmax.
+        masked_softmax_fusion=False,
         transformer_impl="transformer_engine" if use_te else "local",
         # gloo pairs batched isend/irecv of the interleaved schedule wrongly; NCCL is fine.
         batch_p2p_comm=on_gpu,
         cla_share_factor=m.cla_share_factor,
         cla_producer_layers=m.cla_producer_layers,
+        **_fp8_settings(cfg, dtype, use_te),
     )
 
 
