@@ -1,5 +1,7 @@
 """Test setup: CPU/gloo harness where no GPU exists; one in-process rank for single-rank tests."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,9 @@ from megatron_cla.testing import enable_megatron_on_cpu, init_process_group_once
 
 if not torch.cuda.is_available():
     enable_megatron_on_cpu()
+else:  # bitwise comparisons need deterministic kernels (embedding backward, cuBLAS)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -42,8 +42,8 @@ def _norm(x, w, b, cfg):
 def _rope(x, base):
     """x: [b, heads, s, d]; rotate the two halves of d (non-interleaved)."""
     d, s = x.shape[-1], x.shape[-2]
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)  # [s, d/2]
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+    ang = torch.outer(torch.arange(s, dtype=torch.float32, device=x.device), inv)  # [s, d/2]
     cos = torch.cat([ang.cos(), ang.cos()], -1)
     sin = torch.cat([ang.sin(), ang.sin()], -1)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
@@ -84,7 +84,7 @@ def _attention(x, prefix, p, cfg, shared):
     if cfg.qk_norm:
         q = _norm(q, p[prefix + "q_layernorm.weight"], p.get(prefix + "q_layernorm.bias"), cfg)
     q = _rope(q.transpose(1, 2), cfg.rope_base)  # [b, heads, s, hn]
-    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
     heads = []
     for h in range(cfg.heads):
         g = h // (cfg.heads // cfg.groups)
