@@ -5,7 +5,9 @@ What travels
     projection, K layernorm (if any), RoPE, inference-cache adjustment and THD squeeze. They are
     stacked into **one** tensor ``[2, s, b, ng, hn]`` (``[0]`` = K, ``[1]`` = V; ``ng`` = query
     groups on this tensor-parallel rank). Consumers attend over ``[0]``/``[1]`` views and apply RoPE
-    to their queries only, so keys are rotated exactly once.
+    to their queries only, so keys are rotated exactly once. The views are contiguous and reach
+    the consumer's core attention (local, or TE's in ``sbhd``) without copies; the stack is the
+    one copy per group, the price of handing K and V over as a single autograd-tracked tensor.
 
 How it travels
     ``TransformerLayer.forward`` returns ``(hidden_states, context)`` and ``TransformerBlock``
