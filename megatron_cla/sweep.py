@@ -162,7 +162,7 @@ def _forbidden(overrides: list[str], where: str) -> None:
 
 
 def _make_run(
-    grid: Grid, variant: str, overrides: list[str], lr: float, seed: int, out: Path
+    grid: Grid, variant: str, overrides: list[str], lr: float, seed: int, out: Path, main: bool
 ) -> SweepRun:
     directory = run_directory(out, variant, lr, seed)
     run_overrides = [
@@ -174,7 +174,8 @@ def _make_run(
         "logging.progress_bar=false",
         f"logging.run_dir={directory}",
     ]
-    return SweepRun(variant, lr, seed, load_config(Path(grid.base), run_overrides), run_overrides)
+    config = load_config(Path(grid.base), run_overrides)
+    return SweepRun(variant, lr, seed, config, run_overrides, main)
 
 
 def plan_runs(grid: Grid, out: Path) -> list[SweepRun]:
@@ -189,8 +190,7 @@ def plan_runs(grid: Grid, out: Path) -> list[SweepRun]:
         for lr in lrs:
             main = lr == lrs[0]
             for seed in grid.seeds if main else (grid.lr_sweep_seeds or grid.seeds):
-                runs.append(_make_run(grid, variant, overrides, lr, seed, out))
-                runs[-1].main = main
+                runs.append(_make_run(grid, variant, overrides, lr, seed, out, main))
     _same_budget_and_data(runs)
     return runs
 

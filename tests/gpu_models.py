@@ -11,6 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_cla import CLATransformerConfig
+from tests import helpers
 
 VOCAB = 512
 SEQ = 128
@@ -65,14 +66,10 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def loss_and_grads(model: GPTModel, data: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean token loss and every parameter's gradient (fp32 copies), after one backward."""
-    model.zero_grad(set_to_none=True)
-    loss = model(data["tokens"], data["position_ids"], None, labels=data["labels"]).float().mean()
-    loss.backward()
-    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
-    assert not missing, f"parameters without gradient: {missing}"
-    return loss.detach(), grads
+    """:func:`tests.helpers.loss_and_grads` with the attention's own causal mask; the gradients
+    as fp32 copies (bf16 norms would blur the relative errors)."""
+    loss, grads = helpers.loss_and_grads(model, {**data, "attention_mask": None})
+    return loss, {name: grad.float() for name, grad in grads.items()}
 
 
 _NORM = re.compile(r"decoder\.layers\.(\d+)\.(input_layernorm|pre_mlp_layernorm)\.(weight|bias)$")

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -34,6 +33,7 @@ from tests.gpu_models import (
     unfused_te_layer_spec,
 )
 from tests.helpers import assert_grads_equal, prepared_corpus_sample
+from tests.pretrain_worker import step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
@@ -242,8 +242,8 @@ def _launch(
 
 
 def _curve(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])]
+    losses = step_losses(run_dir)
+    return [losses[step] for step in sorted(losses)]
 
 
 @pytest.fixture(scope="module")
