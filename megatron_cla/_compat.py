@@ -43,6 +43,21 @@ def require_transformer_engine(what: str) -> None:
         )
 
 
+def hybrid_model_available() -> bool:
+    """Whether this megatron-core has ``HybridModel`` (0.19+; absent from 0.16)."""
+    return importlib.util.find_spec("megatron.core.models.hybrid") is not None
+
+
+def require_hybrid_model(what: str) -> None:
+    """Raise a clear ImportError when this megatron-core has no ``HybridModel``."""
+    if not hybrid_model_available():
+        raise ImportError(
+            f"{what} needs Megatron-Core's HybridModel (megatron.core.models.hybrid), which "
+            f"megatron-core {MEGATRON_CORE_VERSION} does not have. Install megatron-core>=0.19 "
+            f"(Python 3.12), or use GPTModel with megatron_cla.get_cla_decoder_block_spec."
+        )
+
+
 FP8_RECIPES: dict[str, str] = {
     "delayed": "check_fp8_support",
     "tensorwise": "check_fp8_support",

@@ -17,6 +17,10 @@ Where S comes from, in order:
    ``pretrain_gpt.py``).
 
 No source at all is an error, not plain attention.
+
+In a hybrid stack (``HybridModel``) the stack passes the pattern (``cla_hybrid_layout``): the
+sharing then counts attention layers (the k-th ``*`` of the pattern is attention layer k, see
+:mod:`megatron_cla.hybrid.layout`) while ``layer_number`` stays Megatron's pattern position.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 from megatron.core.transformer.identity_op import IdentityOp
@@ -39,6 +43,9 @@ from megatron_cla import _compat
 from megatron_cla.kv_handoff import pack_kv, unpack_kv
 from megatron_cla.sharing import KVSharing
 from megatron_cla.validation import validate_cla_setup
+
+if TYPE_CHECKING:
+    from megatron_cla.hybrid.layout import HybridLayout
 
 __all__ = [
     "CLATransformerLayer",
@@ -104,8 +111,14 @@ def resolve_sharing(
     share_factor: Optional[int] = None,
     producer_layers: Optional[Sequence[int]] = None,
     from_env: bool = False,
+    layout: Optional[HybridLayout] = None,
 ) -> KVSharing:
-    """The ``KVSharing`` a CLA layer of ``config`` uses (see the module docstring for the order)."""
+    """The ``KVSharing`` a CLA layer of ``config`` uses (see the module docstring for the order).
+
+    With a hybrid ``layout`` the sharing counts its attention layers, else ``config.num_layers``.
+    """
+    n = config.num_layers if layout is None else layout.num_attention_layers
+    scope = None if layout is None else layout.sharing_scope
     cfg_factor = getattr(config, "cla_share_factor", None)
     cfg_producers = getattr(config, "cla_producer_layers", None)
     cfg_has = cfg_factor is not None or cfg_producers is not None
@@ -113,8 +126,8 @@ def resolve_sharing(
         share_factor, producer_layers = _env_settings()
     spec_has = share_factor is not None or producer_layers is not None
     if spec_has and cfg_has:
-        spec = KVSharing.from_settings(config.num_layers, share_factor, producer_layers)
-        cfg = KVSharing.from_settings(config.num_layers, cfg_factor, cfg_producers)
+        spec = KVSharing.from_settings(n, share_factor, producer_layers, scope)
+        cfg = KVSharing.from_settings(n, cfg_factor, cfg_producers, scope)
         if spec != cfg:
             raise ValueError(
                 f"The CLA spec says producers {list(spec.producer_layers)} but the config says "
@@ -123,9 +136,9 @@ def resolve_sharing(
             )
         return cfg
     if spec_has:
-        return KVSharing.from_settings(config.num_layers, share_factor, producer_layers)
+        return KVSharing.from_settings(n, share_factor, producer_layers, scope)
     if cfg_has:
-        return KVSharing.from_settings(config.num_layers, cfg_factor, cfg_producers)
+        return KVSharing.from_settings(n, cfg_factor, cfg_producers, scope)
     raise ValueError(
         f"No CLA sharing configured for this {type(config).__name__}: use "
         f"megatron_cla.CLATransformerConfig(cla_share_factor=...), pass cla_share_factor to the "
@@ -149,24 +162,33 @@ class CLATransformerLayer(TransformerLayer):
         cla_producer_layers: Optional[Sequence[int]] = None,
         cla_settings_from_env: bool = False,
         cla_submodules_factory: Optional[Callable[[Any], CLATransformerLayerSubmodules]] = None,
+        cla_hybrid_layout: Optional[HybridLayout] = None,
+        cla_requires_hybrid_layout: bool = False,
         **kwargs: Any,
     ) -> None:
+        layout = cla_hybrid_layout
+        if cla_requires_hybrid_layout and layout is None:
+            raise ValueError(
+                "This CLA attention layer comes from a hybrid stack spec and must be built by "
+                "megatron_cla's CLAHybridStack, which tells it the pattern; it was built by "
+                "another stack (e.g. Megatron's own HybridStack for multi-token-prediction "
+                "layers, which CLA does not support). Drop the MTP part of the pattern."
+            )
         sharing = resolve_sharing(
-            config, cla_share_factor, cla_producer_layers, from_env=cla_settings_from_env
+            config, cla_share_factor, cla_producer_layers, cla_settings_from_env, layout
         )
-        validate_cla_setup(config, sharing)
+        validate_cla_setup(config, sharing, layout)
         if submodules is None:
             if cla_submodules_factory is None:
                 raise ValueError("CLATransformerLayer needs submodules or cla_submodules_factory.")
             submodules = cla_submodules_factory(config)
         _check_submodules(submodules)
         number = _compat.global_layer_number(config, layer_number, vp_stage, pg_collection, kwargs)
-        producer = sharing.is_producer(number) or bool(kwargs.get("is_mtp_layer", False))
-        if layer_number == 1 and not producer:
-            raise ValueError(
-                f"Layer {number} is the first layer of its pipeline stage but a CLA consumer of "
-                f"layer {sharing.producer_of(number)}; groups: {sharing.describe()}. Every "
-                f"pipeline stage and virtual chunk must start on a producer."
+        attention = number if layout is None else layout.attention_number(number)
+        producer = sharing.is_producer(attention) or bool(kwargs.get("is_mtp_layer", False))
+        if not producer:
+            _check_starts_on_producer(
+                layout, sharing, number, layer_number, kwargs.get("pp_layer_offset")
             )
         super().__init__(
             config,
@@ -183,11 +205,21 @@ class CLATransformerLayer(TransformerLayer):
                 f"{self.layer_number}: this megatron-core is not supported by _compat."
             )
         self.cla_sharing = sharing
+        """Producer/consumer assignment over attention-layer numbers."""
         self.cla_is_producer = producer
-        self.cla_producer_layer = number if producer else sharing.producer_of(number)
-        self.cla_ends_group = bool(kwargs.get("is_mtp_layer")) or sharing.is_last_of_group(number)
+        self.cla_attention_number = attention
+        """This layer's attention-layer number (= ``layer_number`` in a GPT decoder)."""
+        self.cla_producer_layer = attention if producer else sharing.producer_of(attention)
+        """Attention-layer number of the producer whose K/V this layer attends over."""
+        self.cla_producer_layer_number = (
+            layout.layer_number_of(self.cla_producer_layer) if layout else self.cla_producer_layer
+        )
+        """Megatron layer number (pattern position in a hybrid stack) of that producer."""
+        self.cla_ends_group = bool(kwargs.get("is_mtp_layer")) or sharing.is_last_of_group(
+            attention
+        )
         if not producer:
-            self.self_attention.cla_producer_layer_number = self.cla_producer_layer
+            self.self_attention.cla_producer_layer_number = self.cla_producer_layer_number
         if sharing.has_consumers:
             # Megatron's stacked checkpoint layout needs one tensor shape per key across layers;
             # producers and consumers differ, so store layers under their own keys.
@@ -249,6 +281,34 @@ class CLATransformerLayer(TransformerLayer):
                 hidden_states, attention_mask, None, *args, **kwargs
             )
         return hidden_states, None
+
+
+def _check_starts_on_producer(
+    layout: Optional[HybridLayout],
+    sharing: KVSharing,
+    number: int,
+    local_number: int,
+    pp_layer_offset: Optional[int],
+) -> None:
+    """A consumer may not be the first attention layer of its pipeline stage / virtual chunk
+    (nothing hands it K/V there)."""
+    if layout is None:
+        if local_number == 1:
+            raise ValueError(
+                f"Layer {number} is the first layer of its pipeline stage but a CLA consumer of "
+                f"layer {sharing.producer_of(number)}; groups: {sharing.describe()}. Every "
+                f"pipeline stage and virtual chunk must start on a producer."
+            )
+        return
+    before = layout.layer_types[(pp_layer_offset or 0) : number - 1]
+    if "*" not in before:
+        k = layout.attention_number(number)
+        raise ValueError(
+            f"Attention layer {k} (pattern layer {number}) is the first attention layer of its "
+            f"pipeline segment but a CLA consumer of attention layer {sharing.producer_of(k)}; "
+            f"groups: {layout.describe(sharing)}. Every segment's first attention layer must be "
+            f"a producer: move the '|' of hybrid_layer_pattern={layout.pattern!r}."
+        )
 
 
 def _check_submodules(submodules: Any) -> None:

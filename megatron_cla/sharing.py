@@ -1,6 +1,9 @@
 """Which decoder layers produce K/V and which consume it: pure functions, no Megatron imports.
 
-Layer numbers are Megatron's: global and 1-based. A *producer* computes its own keys and values;
+Layer numbers count *attention* layers, globally and 1-based. In a GPT decoder every layer is an
+attention layer, so they are Megatron's layer numbers; in a hybrid stack (``HybridModel``) they
+count the ``*`` slots of the pattern in order (see :mod:`megatron_cla.hybrid.layout`). A *producer*
+computes its own keys and values;
 a *consumer* attends over the keys and values of the nearest producer before it. Layer 1 is always
 a producer. A *group* is a producer followed by its consumers.
 
@@ -18,7 +21,7 @@ from typing import Optional, Sequence
 __all__ = ["KVSharing"]
 
 
-def _check_share_factor(num_layers: int, share_factor: object) -> int:
+def _check_share_factor(num_layers: int, share_factor: object, scope: Optional[str]) -> int:
     if isinstance(share_factor, bool) or not isinstance(share_factor, int):
         raise ValueError(
             f"cla_share_factor must be an int, got {share_factor!r} "
@@ -31,13 +34,15 @@ def _check_share_factor(num_layers: int, share_factor: object) -> int:
         )
     if share_factor > num_layers:
         raise ValueError(
-            f"cla_share_factor={share_factor} exceeds num_layers={num_layers}. "
+            f"cla_share_factor={share_factor} exceeds {scope or f'num_layers={num_layers}'}. "
             f"Use a factor between 1 and {num_layers}."
         )
     return share_factor
 
 
-def _check_producer_layers(num_layers: int, producers: object) -> tuple[int, ...]:
+def _check_producer_layers(
+    num_layers: int, producers: object, scope: Optional[str]
+) -> tuple[int, ...]:
     if not isinstance(producers, (list, tuple)):
         raise ValueError(
             f"cla_producer_layers must be a list of 1-based layer numbers, got {producers!r}. "
@@ -58,8 +63,8 @@ def _check_producer_layers(num_layers: int, producers: object) -> tuple[int, ...
         )
     if producers[-1] > num_layers:
         raise ValueError(
-            f"cla_producer_layers={list(producers)} names layer {producers[-1]}, but the "
-            f"model has num_layers={num_layers} (layers are numbered 1..{num_layers})."
+            f"cla_producer_layers={list(producers)} names layer {producers[-1]}, but "
+            f"{scope or f'the model has num_layers={num_layers}'} (numbered 1..{num_layers})."
         )
     return tuple(producers)
 
@@ -79,19 +84,28 @@ class KVSharing:
     """Global 1-based numbers of the layers that compute K/V, increasing, starting with 1."""
 
     @classmethod
-    def uniform(cls, num_layers: int, share_factor: int) -> KVSharing:
-        """Producers at 1, S+1, 2S+1, ... for share factor S."""
-        s = _check_share_factor(num_layers, share_factor)
+    def uniform(cls, num_layers: int, share_factor: int, scope: Optional[str] = None) -> KVSharing:
+        """Producers at 1, S+1, 2S+1, ... for share factor S.
+
+        ``scope`` names what is counted in error messages (default ``num_layers=N``; a hybrid
+        model counts its attention layers)."""
+        s = _check_share_factor(num_layers, share_factor, scope)
         return cls(num_layers, tuple(range(1, num_layers + 1, s)))
 
     @classmethod
-    def from_producer_layers(cls, num_layers: int, producers: Sequence[int]) -> KVSharing:
+    def from_producer_layers(
+        cls, num_layers: int, producers: Sequence[int], scope: Optional[str] = None
+    ) -> KVSharing:
         """Explicit producers, e.g. KeepEnds on 6 layers: ``[1, 2, 4, 6]``."""
-        return cls(num_layers, _check_producer_layers(num_layers, producers))
+        return cls(num_layers, _check_producer_layers(num_layers, producers, scope))
 
     @classmethod
     def from_settings(
-        cls, num_layers: int, share_factor: Optional[int], producer_layers: Optional[Sequence[int]]
+        cls,
+        num_layers: int,
+        share_factor: Optional[int],
+        producer_layers: Optional[Sequence[int]],
+        scope: Optional[str] = None,
     ) -> KVSharing:
         """Resolve ``cla_share_factor`` / ``cla_producer_layers`` (at most one may be set)."""
         if producer_layers is not None:
@@ -101,8 +115,8 @@ class KVSharing:
                     f"cla_producer_layers={list(producer_layers)}, not both: the producer list "
                     f"already fixes the sharing. Leave cla_share_factor at 1."
                 )
-            return cls.from_producer_layers(num_layers, producer_layers)
-        return cls.uniform(num_layers, 1 if share_factor is None else share_factor)
+            return cls.from_producer_layers(num_layers, producer_layers, scope)
+        return cls.uniform(num_layers, 1 if share_factor is None else share_factor, scope)
 
     def is_producer(self, layer_number: int) -> bool:
         """True for producers and for layers past the decoder (e.g. MTP layers)."""

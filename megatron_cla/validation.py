@@ -11,13 +11,16 @@ consumers behaves exactly like Megatron's stock layer, whatever the features.
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_cla._compat import cuda_graph_captures_attention, cuda_graph_scope_field
 from megatron_cla.sharing import KVSharing
+
+if TYPE_CHECKING:
+    from megatron_cla.hybrid.layout import HybridLayout
 
 __all__ = ["validate_cla_setup", "check_pipeline_split", "suggest_pipeline_layout"]
 
@@ -94,7 +97,9 @@ _UNSUPPORTED: tuple[tuple[str, Any, str, str], ...] = (
 _OFFLOAD_UNSAFE = ("core_attn", "qkv_linear")
 
 
-def _check_features(config: Any, sharing: KVSharing) -> None:
+def _check_features(
+    config: Any, sharing: KVSharing, position: Callable[[int], int] = lambda k: k
+) -> None:
     for field, is_bad, why, fix in _UNSUPPORTED:
         value = getattr(config, field, None)
         if value is not None and is_bad(value):
@@ -118,25 +123,28 @@ def _check_features(config: Any, sharing: KVSharing) -> None:
                 f"fine-grained activation offloading of {bad} frees the K/V storage that later "
                 f"consumer layers still read. Fix: drop {bad} from offload_modules."
             )
-    _check_no_rope_groups(config, sharing)
+    _check_no_rope_groups(config, sharing, position)
 
 
-def _check_no_rope_groups(config: Any, sharing: KVSharing) -> None:
+def _check_no_rope_groups(config: Any, sharing: KVSharing, position: Callable[[int], int]) -> None:
+    """``no_rope_freq`` is indexed by Megatron's layer number; ``position`` maps an attention
+    layer to it (the identity for GPT)."""
     freq = getattr(config, "no_rope_freq", None)
     if not freq:
         return
     pattern = (
         freq
         if isinstance(freq, list)
-        else [int((i + 1) % freq == 0) for i in range(sharing.num_layers)]
+        else [int((i + 1) % freq == 0) for i in range(config.num_layers)]
     )
     for layer in sharing.consumer_layers:
         producer = sharing.producer_of(layer)
-        if bool(pattern[layer - 1]) != bool(pattern[producer - 1]):
+        mine, theirs = pattern[position(layer) - 1], pattern[position(producer) - 1]
+        if bool(mine) != bool(theirs):
             raise ValueError(
                 f"no_rope_freq={freq!r} gives consumer layer {layer} "
-                f"{'no ' if pattern[layer - 1] else ''}RoPE but its producer layer {producer} "
-                f"{'no ' if pattern[producer - 1] else ''}RoPE; the shared keys carry the "
+                f"{'no ' if mine else ''}RoPE but its producer layer {producer} "
+                f"{'no ' if theirs else ''}RoPE; the shared keys carry the "
                 f"producer's rotation. Fix: make every group {sharing.describe()} uniform."
             )
 
@@ -215,9 +223,28 @@ def check_pipeline_split(config: Any, sharing: KVSharing) -> None:
             )
 
 
-def validate_cla_setup(config: Any, sharing: KVSharing) -> None:
-    """All build-time checks for a model whose decoder uses ``sharing``."""
+def validate_cla_setup(
+    config: Any, sharing: KVSharing, layout: Optional[HybridLayout] = None
+) -> None:
+    """All build-time checks for a model whose decoder uses ``sharing``.
+
+    ``layout`` is the pattern of a hybrid stack, whose sharing counts attention layers and whose
+    pipeline stages are the pattern's segments; None for a GPT decoder.
+    """
     if not sharing.has_consumers:
         return
-    _check_features(config, sharing)
-    check_pipeline_split(config, sharing)
+    if layout is None:
+        _check_features(config, sharing)
+        check_pipeline_split(config, sharing)
+        return
+    from megatron_cla.hybrid.layout import check_hybrid_pipeline
+
+    _check_features(config, sharing, layout.layer_number_of)
+    check_hybrid_pipeline(
+        layout,
+        sharing,
+        config.pipeline_model_parallel_size,
+        config.virtual_pipeline_model_parallel_size,
+        getattr(config, "num_layers_in_first_pipeline_stage", None),
+        getattr(config, "num_layers_in_last_pipeline_stage", None),
+    )

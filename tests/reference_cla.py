@@ -130,3 +130,46 @@ def reference_loss(tokens: torch.Tensor, labels: torch.Tensor, p: dict, cfg: Ref
     """Mean next-token cross entropy, as Megatron's per-token loss averaged."""
     logits = reference_logits(tokens, p, cfg)
     return F.cross_entropy(logits.reshape(-1, cfg.vocab), labels.reshape(-1)), logits
+
+
+def _stand_in_mixer(x, prefix, p, cfg):
+    """The CPU stand-in of the 'M' slot (tests/hybrid_helpers.py), written out again."""
+    n = _norm(x, p[prefix + "norm.weight"], p.get(prefix + "norm.bias"), cfg)
+    gate = n @ p[prefix + "gate_proj.weight"].t()
+    value = n @ p[prefix + "value_proj.weight"].t()
+    a = torch.sigmoid(n @ p[prefix + "decay_proj.weight"].t())
+    h = torch.zeros_like(value[:, 0])
+    states = []
+    for t in range(x.shape[1]):  # batch-first: [b, s, inner]
+        h = a[:, t] * h + (1 - a[:, t]) * value[:, t]
+        states.append(h)
+    return x + (F.silu(gate) * torch.stack(states, 1)) @ p[prefix + "out_proj.weight"].t()
+
+
+def reference_hybrid_logits(tokens: torch.Tensor, p: dict, cfg: RefConfig, pattern: str):
+    """tokens [b, s] -> logits of a hybrid stack: '*' attention (``cfg.producers`` count
+    attention layers), '-' MLP, 'M' the CPU stand-in mixer; weights named like HybridModel's."""
+    x = p["embedding.word_embeddings.weight"][tokens]
+    shared, attention = None, 0
+    for i, symbol in enumerate(pattern.replace("|", "")):
+        pre = f"decoder.layers.{i}."
+        if symbol == "*":
+            attention += 1
+            is_producer = attention in cfg.producers
+            w, b = p[pre + "input_layernorm.weight"], p.get(pre + "input_layernorm.bias")
+            h = _norm(x, w, b, cfg)
+            out, kv = _attention(
+                h, pre + "self_attention.", p, cfg, None if is_producer else shared
+            )
+            shared = kv if is_producer else shared
+            x = x + out
+        elif symbol == "-":
+            w, b = p[pre + "pre_mlp_layernorm.weight"], p.get(pre + "pre_mlp_layernorm.bias")
+            x = x + _mlp(_norm(x, w, b, cfg), pre + "mlp.", p, cfg)
+        elif symbol == "M":
+            x = _stand_in_mixer(x, pre, p, cfg)
+        else:
+            raise ValueError(f"the reference has no {symbol!r} layer")
+    x = _norm(x, p["decoder.final_norm.weight"], p.get("decoder.final_norm.bias"), cfg)
+    head = p.get("output_layer.weight", p["embedding.word_embeddings.weight"])
+    return x @ head.t()
