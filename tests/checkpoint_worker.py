@@ -15,17 +15,19 @@ from megatron_cla.testing import device, model_parallel
 from tests.helpers import SEQ, VOCAB, make_batch, tiny_config
 
 MODEL = dict(num_layers=8, cla_share_factor=2, num_query_groups=1)
+HYBRID_PATTERN = "*-M*-|*M*-*-"
+"""Hybrid model of the checkpoint tests; '|' is kept only when pipelined."""
 
 
-def _build(tp: int, pp: int, seed: int) -> GPTModel:
-    config = tiny_config(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        batch_p2p_comm=False,
-        **MODEL,
+def _build(tp: int, pp: int, seed: int, arch: str = "gpt") -> torch.nn.Module:
+    parallel = dict(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, batch_p2p_comm=False
     )
-    spec = get_cla_decoder_block_spec(config, use_transformer_engine=False)
     torch.manual_seed(seed + 1000 * ps.get_pipeline_model_parallel_rank())
+    if arch == "hybrid":
+        return _build_hybrid(parallel, seed + 1000 * ps.get_pipeline_model_parallel_rank())
+    config = tiny_config(**parallel, **MODEL)
+    spec = get_cla_decoder_block_spec(config, use_transformer_engine=False)
     return GPTModel(
         config,
         spec,
@@ -37,7 +39,24 @@ def _build(tp: int, pp: int, seed: int) -> GPTModel:
     ).to(device())
 
 
-def _logits(model: GPTModel) -> Optional[torch.Tensor]:
+def _build_hybrid(parallel: dict, seed: int) -> torch.nn.Module:
+    from tests.hybrid_helpers import build_cla_hybrid, tiny_hybrid_config
+
+    pattern = (
+        HYBRID_PATTERN
+        if parallel["pipeline_model_parallel_size"] > 1
+        else HYBRID_PATTERN.replace("|", "")
+    )
+    config = tiny_hybrid_config(pattern, cla_share_factor=2, **parallel)
+    return build_cla_hybrid(
+        config,
+        seed=seed,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
+
+
+def _logits(model: torch.nn.Module) -> Optional[torch.Tensor]:
     """Full-vocabulary logits of a fixed batch, on the last pipeline stage (else None)."""
     batch = make_batch(seed=42)
     collected: list[torch.Tensor] = []
@@ -66,18 +85,18 @@ def _logits(model: GPTModel) -> Optional[torch.Tensor]:
     return collected[0] if collected else None
 
 
-def save(tp: int, pp: int, directory: str) -> Optional[torch.Tensor]:
+def save(tp: int, pp: int, directory: str, arch: str = "gpt") -> Optional[torch.Tensor]:
     """Build a randomly initialised model, save it, return its logits (last stage)."""
     with model_parallel(tp, pp):
-        model = _build(tp, pp, seed=11)
+        model = _build(tp, pp, seed=11, arch=arch)
         dist_checkpointing.save(model.sharded_state_dict(), directory)
         return _logits(model)
 
 
-def load(tp: int, pp: int, directory: str) -> Optional[torch.Tensor]:
+def load(tp: int, pp: int, directory: str, arch: str = "gpt") -> Optional[torch.Tensor]:
     """Build a differently initialised model, load the checkpoint, return its logits."""
     with model_parallel(tp, pp):
-        model = _build(tp, pp, seed=99)
+        model = _build(tp, pp, seed=99, arch=arch)
         state = dist_checkpointing.load(model.sharded_state_dict(), directory)
         result = model.load_state_dict(state, strict=False)
         unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]

@@ -128,6 +128,27 @@ def with_stand_in_mixer(spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=submodules)
 
 
+def with_hybrid_norm(spec: ModuleSpec, norm: Any = SequenceParallelTorchNorm) -> ModuleSpec:
+    """A copy of a hybrid stack spec whose layer and final norms are ``norm`` (for SP on CPU)."""
+    sub = spec.submodules
+
+    def renorm(layer: ModuleSpec, field: str) -> ModuleSpec:
+        return dataclasses.replace(
+            layer, submodules=dataclasses.replace(layer.submodules, **{field: norm})
+        )
+
+    return dataclasses.replace(
+        spec,
+        submodules=dataclasses.replace(
+            sub,
+            attention_layer=renorm(sub.attention_layer, "input_layernorm"),
+            mlp_layer=renorm(sub.mlp_layer, "pre_mlp_layernorm"),
+            moe_layer=renorm(sub.moe_layer, "pre_mlp_layernorm"),
+            final_norm=norm,
+        ),
+    )
+
+
 def pattern_length(pattern: str) -> int:
     """Layers of a hybrid pattern (``|`` separators do not count)."""
     return len(pattern.replace("|", ""))

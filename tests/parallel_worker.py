@@ -33,18 +33,28 @@ def _build_chunks(config: Any, sequence_parallel_norms: bool) -> list[torch.nn.M
     chunks = []
     for vp_stage in range(vp or 1):
         stage = vp_stage if vp is not None else None
-        spec = get_cla_decoder_block_spec(config, use_transformer_engine=False, vp_stage=stage)
-        if sequence_parallel_norms:
-            spec = with_norm(spec)
-        model = build_gpt(
-            config,
-            spec,
+        stages = dict(
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage,
         )
-        chunks.append(model)  # weights are overwritten by fill_from_global
+        if getattr(config, "hybrid_layer_pattern", None):
+            chunks.append(_hybrid_chunk(config, sequence_parallel_norms, stages))
+            continue
+        spec = get_cla_decoder_block_spec(config, use_transformer_engine=False, vp_stage=stage)
+        if sequence_parallel_norms:
+            spec = with_norm(spec)
+        chunks.append(build_gpt(config, spec, **stages))  # weights: fill_from_global
     return chunks
+
+
+def _hybrid_chunk(config: Any, sequence_parallel_norms: bool, stages: dict) -> torch.nn.Module:
+    from tests.hybrid_helpers import build_hybrid, cla_hybrid_spec, with_hybrid_norm
+
+    spec = cla_hybrid_spec()
+    if sequence_parallel_norms:
+        spec = with_hybrid_norm(spec)
+    return build_hybrid(config, spec, config.hybrid_layer_pattern, **stages)
 
 
 def _forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple:
@@ -70,20 +80,33 @@ def _step_losses(losses: list[dict]) -> list[float]:
     return [float(x["lm loss"]) for x in losses]
 
 
+def _config(model_overrides: dict[str, Any], parallel: dict[str, Any]) -> Any:
+    """GPT: 8 layers; hybrid: the pattern of ``hybrid_layer_pattern`` (pipes kept at PP > 1)."""
+    pattern = model_overrides.get("hybrid_layer_pattern")
+    if pattern is None:
+        return tiny_config(num_layers=8, **parallel, **model_overrides)
+    from tests.hybrid_helpers import tiny_hybrid_config
+
+    if parallel["pipeline_model_parallel_size"] == 1:
+        pattern = pattern.replace("|", "")
+    return tiny_hybrid_config(
+        pattern, **parallel, **{**model_overrides, "hybrid_layer_pattern": pattern}
+    )
+
+
 def train_two_steps(layout: dict[str, Any], model_overrides: dict[str, Any]) -> dict[str, Any]:
     """Run on every rank; ``layout`` has tp, pp, vp, sp (bools/ints), ``model_overrides`` config."""
     tp, pp, vp = layout.get("tp", 1), layout.get("pp", 1), layout.get("vp")
     sp = layout.get("sp", False)
     with model_parallel(tp, pp, vp):
-        config = tiny_config(
-            num_layers=8,
+        parallel = dict(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vp,
             sequence_parallel=sp,
             batch_p2p_comm=not torch.distributed.get_backend() == "gloo",
-            **model_overrides,
         )
+        config = _config(model_overrides, parallel)
         chunks = _build_chunks(config, sequence_parallel_norms=sp)
         fill_from_global(chunks)
         ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=False)

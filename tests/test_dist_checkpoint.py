@@ -7,6 +7,7 @@ import torch
 
 from megatron_cla.testing import run_on_ranks
 from tests import checkpoint_worker as ckpt
+from tests.hybrid_helpers import requires_hybrid
 
 pytestmark = pytest.mark.distributed
 
@@ -56,3 +57,24 @@ def test_checkpoint_keys_are_per_layer_and_role(tp2pp2_checkpoint):
         "decoder.layers.7.self_attention.linear_q.weight",
     ]
     assert "decoder.layers.1.self_attention.linear_q.layer_norm_weight" in keys
+
+
+@pytest.fixture(scope="module")
+def hybrid_tp2pp2_checkpoint(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("cla_hybrid_ckpt_tp2pp2"))
+    logits = _last_stage(run_on_ranks(ckpt.save, 4, 2, 2, directory, "hybrid"))
+    return directory, logits
+
+
+@requires_hybrid
+def test_hybrid_tp2pp2_save_loads_at_tp1pp1(hybrid_tp2pp2_checkpoint):
+    """A `*-M*-|*M*-*-` CLA2 HybridModel saved at TP2 x PP2 reloads as one `*-M*-*M*-*-` stage."""
+    directory, saved = hybrid_tp2pp2_checkpoint
+    tp1pp1 = _last_stage(run_on_ranks(ckpt.load, 1, 1, 1, directory, "hybrid"))
+    torch.testing.assert_close(tp1pp1, saved, rtol=1e-5, atol=1e-5)
+    tp1pp2 = _last_stage(run_on_ranks(ckpt.load, 2, 1, 2, directory, "hybrid"))
+    assert torch.equal(tp1pp1, tp1pp2)
+    keys = run_on_ranks(ckpt.checkpoint_keys, 1, directory)[0]
+    assert "decoder.layers.3.self_attention.linear_q.weight" in keys  # attention layer 2
+    assert "decoder.layers.5.self_attention.linear_qkv.weight" in keys  # attention layer 3
+    assert "decoder.layers.2.gate_proj.weight" in keys  # the Mamba slot (stand-in)

@@ -14,6 +14,7 @@ import torch
 
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.testing.sharding import assemble
+from tests.hybrid_helpers import requires_hybrid
 from tests.parallel_worker import train_two_steps
 
 pytestmark = pytest.mark.distributed
@@ -21,6 +22,12 @@ pytestmark = pytest.mark.distributed
 MQA_S2 = dict(cla_share_factor=2, num_query_groups=1)
 GQA_S2 = dict(cla_share_factor=2, num_query_groups=2)
 PATTERN = dict(cla_producer_layers=[1, 2, 3, 5, 7], num_query_groups=1)
+
+# Hybrid stacks: attention layers split by MLP and (stand-in) Mamba slots; '|' marks the pipeline
+# segments (removed for the single-rank reference, whose checkpoint keys are the same).
+HYBRID = dict(hybrid_layer_pattern="*-M*-|*M*-*-", cla_share_factor=2, num_query_groups=1)
+HYBRID_GQA = dict(hybrid_layer_pattern="*-M*-|*M*-*-", cla_share_factor=2, num_query_groups=2)
+HYBRID_VPP = dict(hybrid_layer_pattern="*-M*-|*M*-|*-*-|M*-*-", cla_share_factor=2)
 
 # id: (layout, world size, model)
 LAYOUTS = {
@@ -32,7 +39,14 @@ LAYOUTS = {
     "PP2xVPP2": (dict(pp=2, vp=2), 2, GQA_S2),
     "TP2xPP2": (dict(tp=2, pp=2), 4, MQA_S2),
     "DP2": (dict(), 2, GQA_S2),
+    "hybrid TP2-MQA": (dict(tp=2), 2, HYBRID),
+    "hybrid TP2-SP": (dict(tp=2, sp=True), 2, HYBRID),
+    "hybrid PP2": (dict(pp=2), 2, HYBRID_GQA),
+    "hybrid PP2xVPP2": (dict(pp=2, vp=2), 2, HYBRID_VPP),
+    "hybrid TP2xPP2": (dict(tp=2, pp=2), 4, HYBRID),
+    "hybrid DP2": (dict(), 2, HYBRID_GQA),
 }
+_HYBRID_IDS = [name for name in LAYOUTS if name.startswith("hybrid")]
 
 
 @functools.cache
@@ -59,7 +73,10 @@ def _close(got: dict, want: dict, atol: float) -> None:
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=requires_hybrid) if n in _HYBRID_IDS else n for n in LAYOUTS],
+)
 def test_layout_matches_single_rank(name):
     layout, world, model = LAYOUTS[name]
     reference = _single_rank(
