@@ -168,7 +168,7 @@ def _load_engine(args: argparse.Namespace, settings: GenerationSettings) -> tupl
 
     from megatron_cla.inference.engines import build_dynamic_engine
     from megatron_cla.pretrain import init_distributed
-    from megatron_cla.training.model import build_gpt_chunk, resumed_vocab_size
+    from megatron_cla.training.model import build_model_chunk, resumed_vocab_size
     from megatron_cla.training.plan import make_plan
 
     on_gpu = torch.cuda.is_available()
@@ -187,7 +187,7 @@ def _load_engine(args: argparse.Namespace, settings: GenerationSettings) -> tupl
     init_distributed(on_gpu)
     ps.initialize_model_parallel(world, 1)
     model_parallel_cuda_manual_seed(settings.seed)
-    model = build_gpt_chunk(plan, vocab)
+    model = build_model_chunk(plan, vocab)
     checkpointer.load_weights(iteration, [model])
     model.eval()
     engine = build_dynamic_engine(

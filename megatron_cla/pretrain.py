@@ -87,9 +87,19 @@ def _datasets(plan: RunPlan, directory: Path):
 
 
 def _kv_bytes(plan: RunPlan) -> tuple[int, int]:
-    shape = DecoderShape.from_config(plan.transformer, plan.transformer.cla_sharing)
-    dense = DecoderShape.from_config(plan.transformer, KVSharing.uniform(shape.num_layers, 1))
+    """KV bytes/token with CLA and without (every attention layer a producer)."""
+    sharing = plan.transformer.cla_sharing
+    shape = DecoderShape.from_config(plan.transformer, sharing)
+    dense = DecoderShape.from_config(plan.transformer, KVSharing.uniform(sharing.num_layers, 1))
     return kv_cache_bytes_per_token(shape), kv_cache_bytes_per_token(dense)
+
+
+def describe_model(plan: RunPlan) -> str:
+    """``GPT, CLA groups [1 2] [3 4]`` or ``hybrid '*-*-*-*-', CLA groups [*1@L1 *2@L3] ...``."""
+    sharing, layout = plan.transformer.cla_sharing, plan.transformer.cla_hybrid_layout
+    if layout is None:
+        return f"GPT, CLA groups {sharing.describe()}"
+    return f"hybrid {layout.pattern!r}, CLA groups {layout.describe(sharing)}"
 
 
 def _count_parameters(chunks: list) -> int:
@@ -168,7 +178,7 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     )
     params = _count_parameters(chunks)
     reporter.print(
-        f"{cfg.name}: {params:,} parameters | CLA groups {plan.transformer.cla_sharing.describe()}"
+        f"{cfg.name}: {params:,} parameters | {describe_model(plan)}"
         f" | world {plan.world_size} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP "
         f"{dp} | {plan.num_microbatches} microbatches/step | {plan.dtype} on "
         f"{'GPU' if on_gpu else 'CPU'} | {'TE' if plan.use_transformer_engine else 'local'} spec"

@@ -164,7 +164,7 @@ def allocated_paged_cache(overrides: list[str], buffer_gb: float, block_tokens: 
     from megatron_cla.inference import CLADynamicInferenceContext
     from megatron_cla.testing import init_process_group_once, model_parallel
     from megatron_cla.training.config import load_config
-    from megatron_cla.training.model import build_gpt_chunk
+    from megatron_cla.training.model import build_model_chunk
     from megatron_cla.training.plan import make_plan
 
     cfg = load_config(None, overrides)
@@ -174,7 +174,7 @@ def allocated_paged_cache(overrides: list[str], buffer_gb: float, block_tokens: 
     with model_parallel(
         tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline
     ):
-        model = build_gpt_chunk(plan, 512)
+        model = build_model_chunk(plan, 512)
         ctx = CLADynamicInferenceContext.for_model(
             model, max_sequence_length=512, buffer_size_gb=buffer_gb, block_size_tokens=block_tokens
         )

@@ -27,6 +27,14 @@ TINY_RUN = [
 ]
 
 
+HYBRID_RUN = (
+    "model.arch=hybrid",
+    "model.num_layers=null",
+    "model.hybrid_layer_pattern=*-*-*-*-",
+)
+"""The tiny run as a HybridModel (the same layers spelled ``*-*-*-*-``); append to overrides."""
+
+
 def tiny_overrides(run_dir: Path, data_dir: Path, steps: int, *extra: str) -> list[str]:
     """Overrides for a tiny, fast CLA2 run writing to ``run_dir``."""
     return [

@@ -57,13 +57,13 @@ def _passage_loss(model: torch.nn.Module, tokens: torch.Tensor) -> float:
 def _reference_tokens(run: Path, prompt_tokens: list[list[int]]) -> list[list[int]]:
     """Greedy tokens by full forwards (no KV cache) of the checkpoint's weights at TP 1."""
     from megatron_cla.data.tokenizer import load_tokenizer
-    from megatron_cla.training.model import build_gpt_chunk
+    from megatron_cla.training.model import build_model_chunk
     from megatron_cla.training.plan import make_plan
 
     checkpointer, iteration = find_checkpoint(run)
     saved = checkpointer.saved_run(iteration)
     plan = make_plan(serving_config(saved["config"], 1), 1, on_gpu=False)
-    model = build_gpt_chunk(plan, 512).eval()
+    model = build_model_chunk(plan, 512).eval()
     tokenizer = load_tokenizer(Path(saved["config"]["data"]["dir"]) / "tokenizer.model")
     text = next(iter(read_jsonl(EMBEDDED_CORPUS)))["text"]
     passage = torch.tensor(tokenizer.tokenize(text)[:64])

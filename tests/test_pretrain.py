@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_cla._compat import hybrid_model_available
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.training import plan as plan_module
 from megatron_cla.training.batches import context_parallel_shard
@@ -21,7 +22,8 @@ from megatron_cla.training.config import load_config
 from megatron_cla.training.model import resumed_vocab_size
 from megatron_cla.training.plan import make_plan
 from tests.helpers import prepared_corpus_sample
-from tests.pretrain_worker import pretrain_on_rank, step_losses, tiny_overrides
+from tests.hybrid_helpers import requires_hybrid
+from tests.pretrain_worker import HYBRID_RUN, pretrain_on_rank, step_losses, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -57,10 +59,14 @@ def _run(overrides: list[str], timeout: float = 300) -> str:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_are_valid(path):
+def test_shipped_configs_are_valid(path, monkeypatch):
     cfg = load_config(path)
+    if cfg.model.arch == "hybrid" and not hybrid_model_available():
+        pytest.skip("HybridModel does not exist in this megatron-core (it needs 0.19 or newer)")
     p = cfg.parallel
-    on_gpu = cfg.train.precision != "fp32" and path.stem.startswith("paper")
+    on_gpu = cfg.train.precision != "fp32"
+    if on_gpu:  # GPU configs: validate them as the GPU machine (with TE) would
+        monkeypatch.setattr(plan_module, "transformer_engine_available", lambda: True)
     make_plan(cfg, world_size=p.tensor * p.pipeline * p.context, on_gpu=on_gpu)
 
 
@@ -96,6 +102,45 @@ def test_shipped_configs_are_valid(path):
 def test_invalid_run_configs_fail_before_allocation(overrides, world, message):
     with pytest.raises(ValueError, match=message):
         make_plan(load_config(ROOT / "configs/tiny_mqa.yaml", overrides), world, on_gpu=False)
+
+
+H = list(HYBRID_RUN)  # tiny_mqa_cla2.yaml spelled '*-*-*-*-'
+
+
+@requires_hybrid
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (["model.arch=mamba"], 1, r"model.arch='mamba': use gpt or hybrid"),
+        (["model.arch=hybrid"], 1, r"model.arch=hybrid needs model.hybrid_layer_pattern"),
+        (["model.hybrid_layer_pattern=*-*-"], 1, r"hybrid_layer_pattern and model.num_experts"),
+        ([*H, "model.num_layers=6"], 1, r"model.num_layers=6 but model.hybrid_layer_pattern has 8"),
+        ([*H, "model.hybrid_layer_pattern=*M*-"], 1, r"\['M'\] layers: Mamba-2 / Gated DeltaNet"),
+        ([*H, "model.hybrid_layer_pattern=*E*-"], 1, r"model.num_experts=None with E layers"),
+        ([*H, "model.num_experts=4"], 1, r"model.num_experts=4 with no E layers"),
+        ([*H, "model.hybrid_layer_pattern=M-M-"], 1, r"has no attention layer"),
+        (
+            [*H, "parallel.pipeline=2"],
+            2,
+            r"needs 2 '\|'-separated segments.*model.hybrid_layer_pattern='\*-\*-\|\*-\*-'",
+        ),
+        (
+            [*H, "parallel.pipeline=2", "model.hybrid_layer_pattern=*-*-*-|*-"],
+            2,
+            r"segment 1 .* starts with attention layer 4",
+        ),
+        (
+            [*H, "parallel.pipeline=2", "parallel.pipeline_layout=Et|tL"],
+            2,
+            r"parallel.pipeline_layout is GPT-only",
+        ),
+        ([*H, "model.cla_share_factor=5"], 1, r"cla_share_factor=5 exceeds the 4 attention layers"),
+    ],
+)
+def test_invalid_hybrid_run_configs_fail_before_allocation(overrides, world, message):
+    cfg = load_config(ROOT / "configs/tiny_mqa_cla2.yaml", overrides)
+    with pytest.raises(ValueError, match=message):
+        make_plan(cfg, world, on_gpu=False)
 
 
 @pytest.mark.parametrize(
@@ -156,10 +201,18 @@ def test_cli_reports_invalid_configuration():
 # ---------------------------------------------------------------- training
 
 
+HYBRID_PP2 = (*HYBRID_RUN, "model.hybrid_layer_pattern=*-*-|*-*-")
+
+
 @pytest.mark.distributed
-def test_two_rank_pipeline_training_reduces_loss(data_dir, tmp_path):
-    """2 ranks (PP2, CLA2) train the tiny model: loss falls, validation ppl and checkpoint exist."""
-    overrides = tiny_overrides(tmp_path / "run", data_dir, 24, "parallel.pipeline=2")
+@pytest.mark.parametrize(
+    "arch", ["gpt", pytest.param("hybrid", marks=requires_hybrid)], ids=["GPT", "hybrid"]
+)
+def test_two_rank_pipeline_training_reduces_loss(data_dir, tmp_path, arch):
+    """2 ranks (PP2, CLA2) train the tiny model: loss falls, validation ppl and checkpoint exist.
+    The hybrid model's two stages are the '|' segments of '*-*-|*-*-'."""
+    extra = HYBRID_PP2 if arch == "hybrid" else ()
+    overrides = tiny_overrides(tmp_path / "run", data_dir, 24, "parallel.pipeline=2", *extra)
     val_ppl = run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
     losses = step_losses(tmp_path / "run")
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (22, 23, 24)) / 3
@@ -180,8 +233,12 @@ def test_data_parallel_follows_the_one_rank_loss_curve(data_dir, tmp_path):
     assert max(abs(got[s] - expected[s]) for s in expected) < 1e-4, (expected, got)
 
 
-def test_killed_run_resumes_bit_identically(data_dir, tmp_path):
-    steps, extra = 16, ("checkpoint.save_interval=4",)
+@pytest.mark.parametrize(
+    "arch", ["gpt", pytest.param("hybrid", marks=requires_hybrid)], ids=["GPT", "hybrid"]
+)
+def test_killed_run_resumes_bit_identically(data_dir, tmp_path, arch):
+    steps = 16
+    extra = ("checkpoint.save_interval=4", *(HYBRID_RUN if arch == "hybrid" else ()))
     _run(tiny_overrides(tmp_path / "straight", data_dir, steps, *extra))
     reference = step_losses(tmp_path / "straight")
 

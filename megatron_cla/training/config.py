@@ -28,10 +28,20 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    """The GPT decoder (Llama-like: pre-norm, RoPE, optional SwiGLU, no biases)."""
+    """The decoder (Llama-like: pre-norm, RoPE, optional SwiGLU, no biases): Megatron's
+    ``GPTModel`` or its ``HybridModel``."""
 
-    num_layers: int = 4
-    """Decoder layers."""
+    arch: str = "gpt"
+    """``gpt`` (GPTModel: ``num_layers`` attention + MLP layers) or ``hybrid`` (HybridModel over
+    ``hybrid_layer_pattern``; megatron-core 0.19+)."""
+    hybrid_layer_pattern: Optional[str] = None
+    """arch hybrid: one symbol per layer, ``*`` attention, ``-`` MLP, ``E`` MoE, ``M`` Mamba-2,
+    ``G`` Gated DeltaNet (the last two need Transformer Engine on a GPU), and ``|`` between the
+    ``parallel.pipeline x virtual_pipeline`` pipeline segments. CLA's sharing counts the ``*``
+    layers: attention layer 1 is the first ``*``."""
+    num_layers: Optional[int] = None
+    """Decoder layers; default 4 for arch gpt. arch hybrid takes the pattern's length (another
+    value is an error)."""
     hidden_size: int = 256
     """Model width."""
     num_attention_heads: int = 4
@@ -59,9 +69,24 @@ class ModelConfig:
     dropout: float = 0.0
     """Hidden and attention dropout."""
     cla_share_factor: int = 1
-    """S: one K/V-producing layer per S layers (1 = no CLA)."""
+    """S: one K/V-producing layer per S (attention) layers (1 = no CLA)."""
     cla_producer_layers: Optional[list[int]] = None
-    """Explicit 1-based producer layers (non-uniform CLA); leave cla_share_factor at 1."""
+    """Explicit 1-based producer (attention) layers (non-uniform CLA); leave cla_share_factor
+    at 1."""
+    num_experts: Optional[int] = None
+    """arch hybrid: experts of every ``E`` (MoE) layer."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (``E`` layers)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Width of one expert's MLP; default ffn_hidden_size."""
+    mamba_state_dim: int = 128
+    """Mamba-2 state size per head (``M`` layers)."""
+    mamba_head_dim: int = 64
+    """Mamba-2 head size."""
+    mamba_num_groups: int = 8
+    """Mamba-2 B/C groups (a multiple of the tensor-parallel size)."""
+    mamba_num_heads: Optional[int] = None
+    """Mamba-2 heads; default 2 x hidden_size / mamba_head_dim (Megatron's expand = 2)."""
 
 
 @dataclass
@@ -249,7 +274,10 @@ def _apply_override(values: dict, override: str) -> None:
     node = values
     for section in sections:
         node = node.setdefault(section, {})
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError:  # e.g. model.hybrid_layer_pattern=*-*-|*-*- ('*', '|' are YAML syntax)
+        node[leaf] = raw
 
 
 def load_config(path: Optional[Path], overrides: list[str] = ()) -> PretrainConfig:

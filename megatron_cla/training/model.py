@@ -17,7 +17,7 @@ from megatron_cla.training.plan import RunPlan
 __all__ = [
     "padded_vocab_size",
     "resumed_vocab_size",
-    "build_gpt_chunk",
+    "build_model_chunk",
     "build_model",
     "build_optimizer",
     "build_scheduler",
@@ -51,17 +51,29 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_gpt_chunk(
+def _hybrid_model(plan: RunPlan, common: dict[str, Any]) -> torch.nn.Module:
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from megatron_cla.hybrid.specs import get_cla_hybrid_stack_spec
+
+    m = plan.config.model
+    spec = get_cla_hybrid_stack_spec(
+        use_transformer_engine=plan.use_transformer_engine,
+        qk_layernorm=m.qk_layernorm,
+        normalization=m.normalization,
+    )
+    return HybridModel(
+        plan.transformer, spec, hybrid_layer_pattern=plan.transformer.hybrid_layer_pattern, **common
+    )
+
+
+def build_model_chunk(
     plan: RunPlan, padded_vocab: int, vp_stage: Optional[int] = None
 ) -> torch.nn.Module:
-    """One GPT model chunk of this rank with the CLA specs (in ``Float16Module`` unless fp32)."""
+    """One model chunk of this rank with the CLA specs: ``GPTModel`` or ``HybridModel`` as
+    ``model.arch`` says (in ``Float16Module`` unless fp32)."""
     m = plan.config.model
-    spec = get_cla_decoder_block_spec(
-        plan.transformer, use_transformer_engine=plan.use_transformer_engine, vp_stage=vp_stage
-    )
-    model: torch.nn.Module = GPTModel(
-        plan.transformer,
-        spec,
+    common = dict(
         vocab_size=padded_vocab,
         max_sequence_length=m.seq_length,
         position_embedding_type="rope",
@@ -70,7 +82,15 @@ def build_gpt_chunk(
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         vp_stage=vp_stage,
-    ).to(_device())
+    )
+    if m.arch == "hybrid":
+        model = _hybrid_model(plan, common)
+    else:
+        spec = get_cla_decoder_block_spec(
+            plan.transformer, use_transformer_engine=plan.use_transformer_engine, vp_stage=vp_stage
+        )
+        model = GPTModel(plan.transformer, spec, **common)
+    model = model.to(_device())
     if plan.dtype != torch.float32:
         from megatron.core.transformer.module import Float16Module
 
@@ -79,11 +99,11 @@ def build_gpt_chunk(
 
 
 def build_model(plan: RunPlan, padded: int) -> list[torch.nn.Module]:
-    """DDP-wrapped GPT chunks (one per virtual pipeline stage) of this rank, with a padded
+    """DDP-wrapped model chunks (one per virtual pipeline stage) of this rank, with a padded
     vocabulary of ``padded`` (see :func:`padded_vocab_size`, :func:`resumed_vocab_size`)."""
     p = plan.config.parallel
     stages = range(p.virtual_pipeline) if p.virtual_pipeline is not None else [None]
-    chunks = [build_gpt_chunk(plan, padded, stage) for stage in stages]
+    chunks = [build_model_chunk(plan, padded, stage) for stage in stages]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -95,8 +115,8 @@ def build_model(plan: RunPlan, padded: int) -> list[torch.nn.Module]:
     ]
 
 
-def unwrap(chunk: torch.nn.Module) -> GPTModel:
-    """The GPTModel inside DDP / Float16Module wrappers."""
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel / HybridModel inside DDP / Float16Module wrappers."""
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk

@@ -134,6 +134,86 @@ def _parallel_sizes(cfg: PretrainConfig, world_size: int) -> tuple[int, int]:
     return dp, microbatches
 
 
+def _hybrid_fields(cfg: PretrainConfig, use_te: bool, on_gpu: bool) -> dict[str, Any]:
+    """``CLATransformerConfig`` fields of an arch-hybrid model, every misfit rejected."""
+    from megatron_cla._compat import hybrid_model_available
+
+    m, p = cfg.model, cfg.parallel
+    _require(
+        hybrid_model_available(),
+        "model.arch=hybrid needs Megatron-Core's HybridModel (megatron-core >= 0.19, Python "
+        "3.12); use model.arch=gpt here",
+    )
+    _require(
+        m.hybrid_layer_pattern is not None,
+        "model.arch=hybrid needs model.hybrid_layer_pattern, e.g. '*-*-*-*-'",
+    )
+    from megatron_cla.hybrid.layout import HybridLayout, suggest_hybrid_pattern
+
+    layout = HybridLayout.parse(m.hybrid_layer_pattern)
+    types = set(layout.layer_types)
+    _require(
+        m.num_layers in (None, layout.num_layers),
+        f"model.num_layers={m.num_layers} but model.hybrid_layer_pattern has "
+        f"{layout.num_layers} layers; leave model.num_layers out for arch hybrid",
+    )
+    _require(
+        p.pipeline_layout is None,
+        "parallel.pipeline_layout is GPT-only; mark hybrid pipeline stages with '|' in "
+        "model.hybrid_layer_pattern",
+    )
+    segments = p.pipeline * (p.virtual_pipeline or 1)
+    if segments > 1 and "|" not in layout.pattern:
+        sharing = layout.sharing(m.cla_share_factor, m.cla_producer_layers)
+        fix = suggest_hybrid_pattern(layout, sharing, segments)
+        raise ValueError(
+            f"parallel.pipeline={p.pipeline} x virtual_pipeline={p.virtual_pipeline or 1} needs "
+            f"{segments} '|'-separated segments in model.hybrid_layer_pattern"
+            + (f", e.g. model.hybrid_layer_pattern='{fix}'" if fix else "")
+        )
+    _require(
+        not types & {"M", "G"} or (use_te and on_gpu),
+        f"model.hybrid_layer_pattern has {sorted(types & {'M', 'G'})} layers: Mamba-2 / Gated "
+        f"DeltaNet need Transformer Engine and their CUDA kernels on a GPU; here use '*', '-' "
+        f"and 'E' layers",
+    )
+    _require(
+        ("E" in types) == (m.num_experts is not None),
+        f"model.num_experts={m.num_experts} with {'E' if 'E' in types else 'no E'} layers in "
+        f"model.hybrid_layer_pattern: set it exactly when the pattern has MoE ('E') layers",
+    )
+    fields: dict[str, Any] = dict(
+        num_layers=layout.num_layers,
+        hybrid_layer_pattern=layout.pattern,
+        mamba_state_dim=m.mamba_state_dim,
+        mamba_head_dim=m.mamba_head_dim,
+        mamba_num_groups=m.mamba_num_groups,
+        mamba_num_heads=m.mamba_num_heads,
+    )
+    if m.num_experts is not None:
+        fields.update(
+            num_moe_experts=m.num_experts,
+            moe_router_topk=m.moe_router_topk,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or _ffn(m),
+        )
+    return fields
+
+
+def _architecture(cfg: PretrainConfig, use_te: bool, on_gpu: bool) -> dict[str, Any]:
+    """The layer-stack fields of the ``CLATransformerConfig`` for ``model.arch``."""
+    m = cfg.model
+    _require(m.arch in ("gpt", "hybrid"), f"model.arch={m.arch!r}: use gpt or hybrid")
+    if m.arch == "hybrid":
+        return _hybrid_fields(cfg, use_te, on_gpu)
+    _require(
+        m.hybrid_layer_pattern is None and m.num_experts is None,
+        "model.hybrid_layer_pattern and model.num_experts need model.arch=hybrid",
+    )
+    num_layers = 4 if m.num_layers is None else m.num_layers
+    _require(num_layers >= 1, f"model.num_layers must be >= 1, got {num_layers}")
+    return dict(num_layers=num_layers)
+
+
 def _ffn(model: Any) -> int:
     if model.ffn_hidden_size is not None:
         return model.ffn_hidden_size
@@ -178,7 +258,7 @@ def _transformer_config(
         "refuses SP); install one of them or set parallel.sequence_parallel=false",
     )
     return CLATransformerConfig(
-        num_layers=m.num_layers,
+        **_architecture(cfg, use_te, on_gpu),
         hidden_size=m.hidden_size,
         ffn_hidden_size=_ffn(m),
         num_attention_heads=m.num_attention_heads,
