@@ -43,8 +43,10 @@ class StandInMixerLayer(MegatronModule):
 
     ``y = x + W_out (silu(W_g n) * h)`` with ``n = norm(x)`` and the causal recurrence
     ``h_t = a_t * h_{t-1} + (1 - a_t) * (W_v n)_t``, ``a_t = sigmoid((W_a n)_t)``, per channel.
-    Static inference keeps ``h`` per sequence in ``key_value_memory_dict[layer_number]``, as
-    Megatron's Mamba layer keeps its states there.
+    Inference keeps ``h`` where Megatron keeps Mamba states: per sequence in
+    ``key_value_memory_dict[layer_number]`` (static batching), and in the SSM-state slot of each
+    request of the dynamic context (``mamba_states_cache``, ``mamba_metadata``; decode tokens
+    first, then the prefill tokens of each request, slots zeroed when a request starts).
     """
 
     def __init__(
@@ -81,14 +83,42 @@ class StandInMixerLayer(MegatronModule):
             tp_group=pg_collection.tp,
         )
 
-    def _state(self, ctx: Any, batch: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        if ctx is None:
-            return like.new_zeros(batch, width)
-        if not ctx.is_static_batching():
-            raise NotImplementedError("the CPU stand-in mixer has no paged (dynamic) state")
-        if ctx.sequence_len_offset == 0 or self.layer_number not in ctx.key_value_memory_dict:
-            ctx.key_value_memory_dict[self.layer_number] = like.new_zeros(batch, width)
-        return ctx.key_value_memory_dict[self.layer_number]
+    @staticmethod
+    def _scan(a: torch.Tensor, value: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """States after each step of ``[t, ...]`` inputs, starting from ``state``."""
+        outputs = []
+        for t in range(value.shape[0]):
+            state = a[t] * state + (1 - a[t]) * value[t]
+            outputs.append(state)
+        return torch.stack(outputs)
+
+    def _static(self, a: torch.Tensor, value: torch.Tensor, ctx: Any) -> torch.Tensor:
+        states = ctx.key_value_memory_dict
+        if ctx.sequence_len_offset == 0 or self.layer_number not in states:
+            states[self.layer_number] = value.new_zeros(value.shape[1:])
+        out = self._scan(a, value, states[self.layer_number])
+        states[self.layer_number] = out[-1]
+        return out
+
+    def _dynamic(self, a: torch.Tensor, value: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Packed tokens ``[tokens, 1, inner]``: decode requests first, one token each."""
+        _, ssm = ctx.mamba_states_cache(self.layer_number - self.pp_layer_offset)
+        meta, dims = ctx.mamba_metadata, ctx.padded_batch_dimensions
+        out = torch.zeros_like(value)
+        spans = []
+        if dims.decode_req_count:
+            spans += [(i, i + 1, int(s)) for i, s in enumerate(meta.batch_indices_decode.tolist())]
+        if dims.prefill_req_count:
+            cu, start = meta.cu_seqlens.tolist(), dims.decode_req_count
+            for r, slot in enumerate(meta.batch_indices_prefill.tolist()):
+                spans.append((start + cu[r], start + cu[r + 1], int(slot)))
+        for begin, end, slot in spans:
+            if slot < 0 or begin == end:  # padding
+                continue
+            states = self._scan(a[begin:end, 0], value[begin:end, 0], ssm[slot])
+            out[begin:end, 0] = states
+            ssm[slot] = states[-1]
+        return out
 
     def forward(
         self,
@@ -102,20 +132,19 @@ class StandInMixerLayer(MegatronModule):
         value, _ = self.value_proj(n)
         decay, _ = self.decay_proj(n)
         a = torch.sigmoid(decay)
-        state = self._state(inference_context, value.shape[1], value.shape[2], value)
-        outputs = []
-        for t in range(value.shape[0]):
-            state = a[t] * state + (1 - a[t]) * value[t]
-            outputs.append(state)
-        if inference_context is not None:
-            inference_context.key_value_memory_dict[self.layer_number] = state
-        mixed = F.silu(gate) * torch.stack(outputs)
-        out, _ = self.out_proj(mixed)
+        ctx = inference_context
+        if ctx is None:
+            states = self._scan(a, value, value.new_zeros(value.shape[1:]))
+        elif ctx.is_static_batching():
+            states = self._static(a, value, ctx)
+        else:
+            states = self._dynamic(a, value, ctx)
+        out, _ = self.out_proj(F.silu(gate) * states)
         return hidden_states + out
 
-    def mamba_state_shapes_per_request(self) -> tuple[tuple[int], tuple[int]]:
-        """Megatron asks Mamba-slot layers for their per-request state shapes."""
-        return (INNER, 1), (INNER,)
+    def mamba_state_shapes_per_request(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Megatron sizes each request's Mamba state slot from this (conv, SSM) pair."""
+        return (1, 1), (self.value_proj.output_size_per_partition,)
 
 
 STAND_IN_MAMBA = ModuleSpec(module=StandInMixerLayer)

@@ -39,7 +39,15 @@ def _greedy() -> SamplingParams:
 
 
 def _model(model: dict) -> Any:
-    return build_cla_gpt(tiny_config(**model)).eval()
+    """The tiny GPT of ``model`` (overrides of ``tiny_config``), or a HybridModel when it has a
+    ``hybrid_layer_pattern`` (Mamba slots hold the CPU stand-in mixer)."""
+    pattern = model.get("hybrid_layer_pattern")
+    if pattern is None:
+        return build_cla_gpt(tiny_config(**model)).eval()
+    from tests.hybrid_helpers import build_cla_hybrid, tiny_hybrid_config
+
+    settings = {k: v for k, v in model.items() if k != "hybrid_layer_pattern"}
+    return build_cla_hybrid(tiny_hybrid_config(pattern, **settings)).eval()
 
 
 def _references(net: Any, batch: list[list[int]]) -> list[list[int]]:
@@ -64,11 +72,13 @@ def static_context_decode(net: Any, batch: list[list[int]]) -> dict:
             positions = torch.full((b, 1), ctx.sequence_len_offset)
             mask = None
             generated.append(step_tokens[:, 0].tolist())
-    cache = ctx.key_value_memory_dict
+    kv = {n: entry for n, entry in ctx.key_value_memory_dict.items() if isinstance(entry, tuple)}
     return {
         "generated": [list(t) for t in zip(*generated, strict=True)],
-        "cached_layers": sorted(cache),
-        "cached_bytes": sum(k.numel() * k.element_size() * 2 for k, _ in cache.values()),
+        "cached_layers": sorted(kv),
+        "cached_bytes": sum(k.numel() * k.element_size() * 2 for k, _ in kv.values()),
+        # Mamba-slot layers keep their recurrent state in the same dict (a tensor, not K/V)
+        "state_layers": sorted(set(ctx.key_value_memory_dict) - set(kv)),
     }
 
 
@@ -128,11 +138,40 @@ def _request(record: Any) -> Any:
     return record.merge() if hasattr(record, "merge") else record
 
 
+def context_layout(net: Any, batch: list[list[int]]) -> dict:
+    """The CLA paged context of a hybrid model next to Megatron's own (0.17+ constructor)."""
+    from megatron.core.inference.config import InferenceConfig, MambaInferenceStateConfig
+    from megatron.core.inference.contexts.dynamic_context import DynamicInferenceContext
+
+    from megatron_cla.inference import CLADynamicInferenceContext
+
+    settings = dict(max_sequence_length=MAX_SEQ, buffer_size_gb=0.0005, block_size_tokens=16)
+    cla = CLADynamicInferenceContext.for_model(net, max_requests=4, **settings)
+    mamba = MambaInferenceStateConfig.from_model(net)
+    stock = DynamicInferenceContext(
+        net.config,
+        InferenceConfig(max_requests=4, mamba_inference_state_config=mamba, **settings),
+    )
+    types = net.decoder.layer_type_list
+
+    def layout(ctx: Any) -> dict:
+        states = (ctx.mamba_conv_states, ctx.mamba_ssm_states)
+        return {
+            "kv_layers": ctx.num_attention_layers,
+            "mamba_layers": ctx.num_mamba_layers,
+            "mamba_map": {k: v for k, v in ctx.layer_map.items() if types[k] == "M"},
+            "mamba_state_bytes": sum(t.numel() * t.element_size() for t in states),
+        }
+
+    return {"generated": [], "cla": layout(cla), "stock": layout(stock)}
+
+
 RUNNERS = {
     "static-context": static_context_decode,
     "dynamic-engine": dynamic_engine_generate,
     "static-engine": lambda net, batch: static_engine_generate(net, batch, legacy=False),
     "static-engine-legacy": lambda net, batch: static_engine_generate(net, batch, legacy=True),
+    "context-layout": context_layout,
 }
 
 
