@@ -23,7 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_cla.accounting import DecoderShape, decoder_params, kv_cache_bytes_per_token
+from megatron_cla.accounting import (
+    DecoderShape,
+    decoder_params,
+    kv_cache_bytes_per_token,
+    mamba_state_bytes,
+    params_per_layer,
+)
 from megatron_cla.sharing import KVSharing
 from megatron_cla.training.config import PretrainConfig, load_config
 
@@ -57,27 +63,49 @@ class KVBudget:
     """What is left for the KV buffer: GPU memory - weights - reserve (0 if none)."""
     total_blocks: int
     """Whole blocks in the buffer (Megatron: at least 2)."""
+    state_bytes_per_sequence: int = 0
+    """Hybrid models: Mamba state of one sequence on one GPU (fixed, whatever its length);
+    Megatron reserves one such state per block."""
 
     @property
     def usable_blocks(self) -> int:
-        """Blocks requests can use (Megatron keeps one dummy block)."""
+        """Blocks requests can use (Megatron keeps one dummy block), when Megatron sizes the
+        buffer itself (no ``max_requests``: one Mamba state reserved per block)."""
         return max(self.total_blocks - 1, 0)
+
+    def blocks_serving(self, requests: int) -> int:
+        """Usable blocks when the engine is built for ``requests`` sequences: Megatron then
+        keeps exactly ``requests`` Mamba states and gives the rest of the buffer to KV blocks."""
+        state = requests * self.state_bytes_per_sequence
+        if not state:
+            return self.usable_blocks
+        if state >= self.buffer_bytes:
+            return 0
+        kv_bytes = int(self.buffer_bytes * (1.0 - state / self.buffer_bytes))
+        return max(2, kv_bytes // self.block_bytes) - 1
 
     def blocks_per_sequence(self, length: int) -> int:
         """Blocks a sequence of ``length`` tokens occupies."""
         return math.ceil(length / self.block_size_tokens)
 
     def sequence_bytes(self, length: int) -> int:
-        """Cache of one sequence of ``length`` tokens on one GPU (whole blocks)."""
-        return self.blocks_per_sequence(length) * self.block_bytes
+        """Cache of one sequence of ``length`` tokens on one GPU (whole blocks, Mamba state)."""
+        return self.blocks_per_sequence(length) * self.block_bytes + self.state_bytes_per_sequence
 
     def max_sequences(self, length: int) -> int:
-        """Sequences of ``length`` tokens that fit at once."""
-        return self.usable_blocks // self.blocks_per_sequence(length)
+        """Sequences of ``length`` tokens that fit at once (engine built for that many)."""
+        need = self.blocks_per_sequence(length)
+        if not self.state_bytes_per_sequence:
+            return self.usable_blocks // need
+        low, high = 0, self.buffer_bytes // self.state_bytes_per_sequence
+        while low < high:  # the largest n with blocks_serving(n) >= n * need
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.blocks_serving(mid) >= mid * need else (low, mid - 1)
+        return low
 
     def max_context(self, batch: int) -> int:
         """Longest context (tokens, whole blocks) each of ``batch`` sequences can have."""
-        return (self.usable_blocks // batch) * self.block_size_tokens
+        return (self.blocks_serving(batch) // batch) * self.block_size_tokens
 
 
 def parse_bytes(text: str) -> int:
@@ -96,19 +124,55 @@ def no_cla_twin(cfg: PretrainConfig) -> PretrainConfig:
 
 
 def _transformer(cfg: PretrainConfig) -> Any:
+    """The run's config as planned for a GPU machine with Transformer Engine."""
     from megatron_cla.training.plan import make_plan
 
     p = cfg.parallel
-    return make_plan(cfg, p.tensor * p.pipeline * p.context, on_gpu=True).transformer
+    world = p.tensor * p.pipeline * p.context
+    return make_plan(cfg, world, on_gpu=True, te_available=True).transformer
 
 
-def _weights_per_gpu(cfg: PretrainConfig, shape: DecoderShape, padded_vocab: int) -> int:
+def _stage_weights(config: Any, shape: DecoderShape) -> int:
+    """Decoder weights (+ one norm per layer) of the most loaded pipeline stage."""
+    layout = config.cla_hybrid_layout
+    if layout is None:  # GPT: Megatron splits the layers evenly
+        norms = shape.hidden * (2 * shape.num_layers + 1)
+        return math.ceil((decoder_params(shape) + norms) / config.pipeline_model_parallel_size)
+    per_layer = params_per_layer(shape)
+    return max(
+        sum(per_layer[seg.offset : seg.offset + len(seg.layer_types)])
+        + shape.hidden * (len(seg.layer_types) + 1)
+        for seg in _segments(config)
+    )
+
+
+def _segments(config: Any) -> list:
+    return config.cla_hybrid_layout.segments(config.pipeline_model_parallel_size)
+
+
+def _stage_kv_layers_and_mamba(config: Any, sharing: KVSharing) -> tuple[int, int]:
+    """(producer attention layers, Mamba layers) of the most loaded stage (cache slots)."""
+    from megatron_cla.inference.context import local_producer_layers
+
+    layout = config.cla_hybrid_layout
+    if layout is None:
+        stages = range(config.pipeline_model_parallel_size)
+        return max(len(local_producer_layers(config, sharing, rank)) for rank in stages), 0
+    counts = [
+        (len(layout.segment_producers(sharing, seg)), seg.layer_types.count("M"))
+        for seg in _segments(config)
+    ]
+    return max(c[0] for c in counts), max(c[1] for c in counts)
+
+
+def _weights_per_gpu(
+    cfg: PretrainConfig, config: Any, shape: DecoderShape, padded_vocab: int
+) -> int:
     """Parameters of the most loaded GPU: a stage's layers (+ norms) and one vocab matrix
     (two when the embedding is untied and a single stage holds both)."""
     p = cfg.parallel
-    norms = shape.hidden * (2 * shape.num_layers + 1)
     vocab_matrices = 2 if cfg.model.untie_embeddings and p.pipeline == 1 else 1
-    per_stage = math.ceil((decoder_params(shape) + norms) / p.pipeline)
+    per_stage = _stage_weights(config, shape)
     return math.ceil((per_stage + vocab_matrices * padded_vocab * shape.hidden) / p.tensor)
 
 
@@ -128,7 +192,6 @@ def plan_budget(
     ``buffer_bytes`` fixes the KV buffer (as Megatron's ``buffer_size_gb`` does) instead of
     deriving it from the GPU memory left next to the weights and the reserve.
     """
-    from megatron_cla.inference.context import local_producer_layers
     from megatron_cla.training.model import padded_vocab_size
 
     for what, dtype in (("kv", kv_dtype), ("weight", weight_dtype)):
@@ -138,16 +201,20 @@ def plan_budget(
     sharing: KVSharing = config.cla_sharing
     shape = DecoderShape.from_config(config, sharing)
     p, element = cfg.parallel, DTYPE_BYTES[kv_dtype]
-    layers = max(len(local_producer_layers(config, sharing, rank)) for rank in range(p.pipeline))
+    layers, mamba_layers = _stage_kv_layers_and_mamba(config, sharing)
     heads = max(shape.groups // p.tensor, 1)
     block_bytes = element * 2 * layers * block_size_tokens * heads * shape.head_dim
-    weights = _weights_per_gpu(cfg, shape, padded_vocab_size(vocab_size, p.tensor))
+    # Megatron keeps Mamba states in the model's dtype, one per request, reserved per block
+    state = mamba_state_bytes(shape, p.tensor, DTYPE_BYTES[weight_dtype], mamba_layers)
+    weights = _weights_per_gpu(cfg, config, shape, padded_vocab_size(vocab_size, p.tensor))
     weights *= DTYPE_BYTES[weight_dtype]
     if buffer_bytes is None:
         buffer_bytes = max(gpu_bytes - weights - reserve_bytes, 0)
+    layout = config.cla_hybrid_layout
+    scope = "layers" if layout is None else f"attention layers ({layout.num_layers} layers)"
     return KVBudget(
         name=cfg.name,
-        producers=f"{sharing.num_kv_layers} of {shape.num_layers} layers",
+        producers=f"{sharing.num_kv_layers} of {sharing.num_layers} {scope}",
         kv_bytes_per_token=kv_cache_bytes_per_token(shape, element),
         kv_layers_per_gpu=layers,
         kv_heads_per_gpu=heads,
@@ -155,7 +222,8 @@ def plan_budget(
         block_size_tokens=block_size_tokens,
         weight_bytes_per_gpu=weights,
         buffer_bytes=buffer_bytes,
-        total_blocks=max(2, buffer_bytes // block_bytes),
+        total_blocks=max(2, buffer_bytes // (block_bytes + state)),
+        state_bytes_per_sequence=state,
     )
 
 
@@ -184,6 +252,10 @@ def report(budgets: list[KVBudget], lengths: list[int], gpu_bytes: int) -> str:
         ),
         ("usable blocks", [f"{b.usable_blocks:,}" for b in budgets]),
     ]
+    if any(b.state_bytes_per_sequence for b in budgets):
+        rows.append(
+            ("Mamba state per sequence", [_size(b.state_bytes_per_sequence) for b in budgets])
+        )
     for length in lengths:
         rows.append(
             (
@@ -211,11 +283,19 @@ def report(budgets: list[KVBudget], lengths: list[int], gpu_bytes: int) -> str:
             + "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))
         )
     first, last = budgets[0], budgets[-1]
-    if last.usable_blocks:
+    ratio = f"(KV bytes/token ratio {first.kv_bytes_per_token / last.kv_bytes_per_token:.3f})"
+    if any(b.state_bytes_per_sequence for b in budgets):
+        longest = max(lengths)
+        served = [b.max_sequences(longest) for b in (first, last)]
+        if served[1]:
+            lines.append(
+                f"{first.name} serves {served[0] / served[1]:.2f}x the concurrent "
+                f"{longest:,}-token sequences of {last.name} {ratio}"
+            )
+    elif last.usable_blocks:
         lines.append(
             f"{first.name} fits {first.usable_blocks / last.usable_blocks:.2f}x the tokens of "
-            f"{last.name} (KV bytes/token ratio "
-            f"{first.kv_bytes_per_token / last.kv_bytes_per_token:.3f})"
+            f"{last.name} {ratio}"
         )
     return "\n".join(lines)
 

@@ -146,18 +146,22 @@ def context_layout(net: Any, batch: list[list[int]]) -> dict:
     from megatron_cla.inference import CLADynamicInferenceContext
 
     settings = dict(max_sequence_length=MAX_SEQ, buffer_size_gb=0.0005, block_size_tokens=16)
-    cla = CLADynamicInferenceContext.for_model(net, max_requests=4, **settings)
+    cla = CLADynamicInferenceContext.for_model(net, **settings)
     mamba = MambaInferenceStateConfig.from_model(net)
     stock = DynamicInferenceContext(
-        net.config,
-        InferenceConfig(max_requests=4, mamba_inference_state_config=mamba, **settings),
+        net.config, InferenceConfig(mamba_inference_state_config=mamba, **settings)
     )
     types = net.decoder.layer_type_list
 
     def layout(ctx: Any) -> dict:
         states = (ctx.mamba_conv_states, ctx.mamba_ssm_states)
+        allocator = getattr(ctx, "kv_block_allocator", None) or ctx.block_allocator
         return {
             "kv_layers": ctx.num_attention_layers,
+            "block_bytes": ctx.block_size_bytes,
+            "total_blocks": allocator.total_count,
+            "buffer_bytes": int(0.0005 * 1024**3),
+            "max_requests": ctx.max_requests,
             "mamba_layers": ctx.num_mamba_layers,
             "mamba_map": {k: v for k, v in ctx.layer_map.items() if types[k] == "M"},
             "mamba_state_bytes": sum(t.numel() * t.element_size() for t in states),

@@ -68,12 +68,16 @@ def test_dynamic_engine_maps_producers_and_mamba_states(single_rank, model):
 
 
 def test_mamba_state_slots_are_megatrons(single_rank):
-    """The CLA context sizes Mamba state exactly as Megatron's own context does for the model."""
+    """The CLA context gives each request the Mamba state Megatron's own context gives it, and
+    fits more requests into the same buffer (fewer KV layers per block)."""
     out = generate_on_rank("context-layout", MODELS["S2"], [])
-    assert out["cla"]["mamba_layers"] == out["stock"]["mamba_layers"] == len(MAMBA_POSITIONS)
-    assert out["cla"]["mamba_map"] == out["stock"]["mamba_map"]
-    assert out["cla"]["mamba_state_bytes"] == out["stock"]["mamba_state_bytes"] > 0
-    assert (out["stock"]["kv_layers"], out["cla"]["kv_layers"]) == (6, 3)
+    cla, stock = out["cla"], out["stock"]
+    assert cla["mamba_layers"] == stock["mamba_layers"] == len(MAMBA_POSITIONS)
+    assert cla["mamba_map"] == stock["mamba_map"]
+    per_request = [c["mamba_state_bytes"] / c["max_requests"] for c in (cla, stock)]
+    assert per_request[0] == per_request[1] > 0
+    assert (stock["kv_layers"], cla["kv_layers"]) == (6, 3)
+    assert cla["max_requests"] > stock["max_requests"]
 
 
 def test_fixed_buffer_fits_s_times_more_blocks(single_rank):

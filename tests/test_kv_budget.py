@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from megatron_cla._compat import hybrid_model_available
 from megatron_cla.kv_budget import GIB, no_cla_twin, parse_bytes, plan_budget
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.training.config import load_config
+from tests.hybrid_helpers import requires_hybrid
 from tests.inference_worker import allocated_paged_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +125,100 @@ def test_command_reports_a_gpu_too_small_for_the_weights(tmp_path):
     proc = _cli("--config", "configs/paper_3b_h128_mqa.yaml", "--gpu-mem", "4GB")
     assert proc.returncode != 0
     assert "leave no memory for a KV cache on a 4GB GPU" in proc.stderr
+
+
+HYBRID = ["model.arch=hybrid", "model.num_layers=null"]
+HYBRID_MODELS = {
+    "hybrid S1": [*HYBRID, "model.hybrid_layer_pattern=*-*-*-*-*-*-", "model.cla_share_factor=1"],
+    "hybrid S2": [*HYBRID, "model.hybrid_layer_pattern=*-*-*-*-*-*-", "model.cla_share_factor=2"],
+    "hybrid MoE S3": [
+        *HYBRID,
+        "model.hybrid_layer_pattern=*E*-*E*-*E",
+        "model.cla_share_factor=3",
+        "model.num_experts=2",
+    ],
+}
+
+
+@requires_hybrid
+@pytest.mark.parametrize("model", HYBRID_MODELS)
+def test_planner_matches_the_hybrid_paged_cache(model):
+    overrides = [*TINY, *HYBRID_MODELS[model]]
+    budget = _predicted(HYBRID_MODELS[model])
+    _assert_matches(budget, allocated_paged_cache(overrides, BUFFER_GB, BLOCK))
+    assert budget.producers.endswith("attention layers (12 layers)" if "S3" not in model else "")
+
+
+@requires_hybrid
+@pytest.mark.distributed
+def test_planner_matches_hybrid_pipeline_segments():
+    """`*-*-*-*-|*-*-` with CLA2: the stages hold 2 and 1 producer attention layers."""
+    layout = [
+        *HYBRID,
+        "model.hybrid_layer_pattern=*-*-*-*-|*-*-",
+        "model.cla_share_factor=2",
+        "parallel.pipeline=2",
+    ]
+    ranks = run_on_ranks(allocated_paged_cache, 2, [*TINY, *layout], BUFFER_GB, BLOCK)
+    assert [r["kv_layers"] for r in sorted(ranks, key=lambda r: r["pp_rank"])] == [2, 1]
+    _assert_matches(_predicted(layout), max(ranks, key=lambda r: r["kv_layers"]))
+
+
+def _hybrid_context(max_requests):
+    """Megatron's allocation for a CLA2 stand-in-Mamba model: (context, state bytes/request)."""
+    from megatron_cla.inference import CLADynamicInferenceContext
+    from tests.inference_worker import _model
+
+    net = _model(dict(hybrid_layer_pattern="*-M*-*M*-", cla_share_factor=2))
+    ctx = CLADynamicInferenceContext.for_model(
+        net, max_sequence_length=64, buffer_size_gb=BUFFER_GB, block_size_tokens=BLOCK,
+        max_requests=max_requests,
+    )  # fmt: skip
+    states = ctx.mamba_conv_states.numel() + ctx.mamba_ssm_states.numel()
+    return ctx, states * ctx.mamba_ssm_states.element_size() // ctx.max_requests
+
+
+@requires_hybrid
+def test_mamba_state_sizing_follows_megatron(single_rank):
+    """Megatron reserves one request's Mamba state per block when it sizes the buffer itself,
+    and exactly ``max_requests`` states when told; the planner's block counts follow both."""
+    from megatron_cla.kv_budget import KVBudget
+
+    ctx, state = _hybrid_context(None)
+    buffer = int(BUFFER_GB * GIB)
+    budget = KVBudget(
+        "x", "", 0, ctx.num_attention_layers, 1, ctx.block_size_bytes, BLOCK, 0, buffer,
+        max(2, buffer // (ctx.block_size_bytes + state)), state,
+    )  # fmt: skip
+    assert budget.total_blocks == ctx.kv_block_allocator.total_count
+    for requests in (4, 8):
+        served, _ = _hybrid_context(requests)
+        assert budget.blocks_serving(requests) == served.kv_block_allocator.total_count - 1
+    n = budget.max_sequences(64)  # 4 blocks each: the most that fit, one more does not
+    assert budget.blocks_serving(n) >= n * 4 and budget.blocks_serving(n + 1) < (n + 1) * 4
+
+
+def test_hybrid_planner_counts_mamba_state_and_attention_producers():
+    cfg = load_config(ROOT / "configs/nemotron_h_style_2b_cla2.yaml")
+    if cfg.model.arch == "hybrid" and not hybrid_model_available():
+        pytest.skip("HybridModel does not exist in this megatron-core (it needs 0.19 or newer)")
+    budget, twin = (
+        plan_budget(cfg, parse_bytes("80GB")),
+        plan_budget(no_cla_twin(cfg), parse_bytes("80GB")),
+    )
+    assert budget.producers == "4 of 8 attention layers (56 layers)"
+    assert 2 * budget.kv_bytes_per_token == twin.kv_bytes_per_token == 2 * 8 * 128 * 8 * 2
+    # 24 Mamba layers: conv (4096 + 2*8*128 channels x 4) + SSM (64 heads x 64 x 128), bf16
+    assert budget.state_bytes_per_sequence == 24 * ((4096 + 2048) * 4 + 64 * 64 * 128) * 2
+    assert budget.block_bytes * 2 == twin.block_bytes
+
+
+@requires_hybrid
+def test_command_plans_a_hybrid_mamba_config(tmp_path):
+    proc = _cli(
+        "--config", "configs/nemotron_h_style_2b_cla2.yaml", "--plot", str(tmp_path / "p.png")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 of 8 attention layers (56 layers)" in proc.stdout
+    assert "Mamba state per sequence" in proc.stdout
+    assert "serves 2.00x the concurrent 131,072-token sequences" in proc.stdout

@@ -154,6 +154,15 @@ class HybridLayout:
             groups[-1].append(f"*{k}@L{self.layer_number_of(k)}")
         return " ".join("[" + " ".join(g) + "]" for g in groups)
 
+    def segment_producers(self, sharing: KVSharing, segment: HybridSegment) -> list[int]:
+        """1-based local positions of the producer attention layers of ``segment``."""
+        return [
+            i + 1
+            for i, kind in enumerate(segment.layer_types)
+            if kind == ATTENTION
+            and sharing.is_producer(self.attention_number(segment.offset + i + 1))
+        ]
+
     def segments(
         self,
         pp: int = 1,

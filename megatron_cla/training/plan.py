@@ -9,7 +9,7 @@ settings and pipeline splits). Every problem is a ``ValueError`` naming the valu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -56,12 +56,14 @@ def _dtype(precision: str, on_gpu: bool) -> torch.dtype:
     return choices[precision]
 
 
-def _use_te(setting: str, on_gpu: bool) -> bool:
+def _use_te(setting: str, on_gpu: bool, te_available: Optional[bool]) -> bool:
     _require(
         setting in ("auto", "on", "off"),
         f"train.transformer_engine={setting!r}: use auto, on or off",
     )
-    available = transformer_engine_available() and on_gpu
+    if te_available is None:
+        te_available = transformer_engine_available()
+    available = te_available and on_gpu
     if setting == "on":
         _require(
             available,
@@ -304,8 +306,17 @@ def _have_apex() -> bool:
     return bool(HAVE_APEX)
 
 
-def make_plan(cfg: PretrainConfig, world_size: int, on_gpu: bool | None = None) -> RunPlan:
-    """Validate ``cfg`` for ``world_size`` ranks and derive the run's settings."""
+def make_plan(
+    cfg: PretrainConfig,
+    world_size: int,
+    on_gpu: Optional[bool] = None,
+    te_available: Optional[bool] = None,
+) -> RunPlan:
+    """Validate ``cfg`` for ``world_size`` ranks and derive the run's settings.
+
+    ``on_gpu`` / ``te_available`` default to this machine; planning tools (``kv_budget``) pass
+    the GPU machine's.
+    """
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     t, log = cfg.train, cfg.logging
     for name, value in [
@@ -331,6 +342,6 @@ def make_plan(cfg: PretrainConfig, world_size: int, on_gpu: bool | None = None) 
     )
     dp, microbatches = _parallel_sizes(cfg, world_size)
     dtype = _dtype(t.precision, on_gpu)
-    use_te = _use_te(t.transformer_engine, on_gpu)
+    use_te = _use_te(t.transformer_engine, on_gpu, te_available)
     transformer = _transformer_config(cfg, dtype, use_te, on_gpu)
     return RunPlan(cfg, world_size, dp, microbatches, dtype, use_te, on_gpu, transformer)
