@@ -106,7 +106,9 @@ def serving_config(
         recompute_method=None,
         recompute_num_layers=None,
     )
-    cfg.model = dataclasses.replace(cfg.model, dropout=0.0)
+    pattern = cfg.model.hybrid_layer_pattern  # one pipeline stage: no segment separators
+    pattern = None if pattern is None else pattern.replace("|", "")
+    cfg.model = dataclasses.replace(cfg.model, dropout=0.0, hybrid_layer_pattern=pattern)
     return cfg
 
 
@@ -205,7 +207,8 @@ def _load_engine(args: argparse.Namespace, settings: GenerationSettings) -> tupl
             f"loaded {checkpointer.path(iteration)} (step {saved['iteration']}, saved at TP "
             f"{saved['layout']['tp']} x PP {saved['layout']['pp']}) on TP {world} | "
             f"{plan.dtype} on {'GPU' if on_gpu else 'CPU'} | KV cache: "
-            f"{ctx.num_attention_layers} producer layer(s) of {cfg.model.num_layers}, "
+            f"{ctx.num_attention_layers} producer layer(s) of "
+            f"{plan.transformer.cla_sharing.num_layers} attention layers, "
             f"{ctx.kv_cache_bytes / 2**20:.1f} MiB per rank",
             file=sys.stderr,
             flush=True,

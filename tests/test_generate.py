@@ -16,7 +16,8 @@ from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl
 from megatron_cla.generate import find_checkpoint, serving_config
 from megatron_cla.testing import run_on_ranks
 from tests.helpers import greedy_reference, prepared_corpus_sample
-from tests.pretrain_worker import pretrain_on_rank, tiny_overrides
+from tests.hybrid_helpers import requires_hybrid
+from tests.pretrain_worker import HYBRID_RUN, pretrain_on_rank, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["It is a truth universally acknowledged", "And God said"]
@@ -29,6 +30,19 @@ def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("generate")
     prepared_corpus_sample(root, 300, 512)
     overrides = tiny_overrides(root / "run", root / "data", 16, "parallel.pipeline=2")
+    run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def trained_hybrid_run(tmp_path_factory) -> Path:
+    """The tiny CLA2 model as a `*-*-|*-*-` HybridModel, trained on 2 pipeline stages."""
+    root = tmp_path_factory.mktemp("generate_hybrid")
+    prepared_corpus_sample(root, 300, 512)
+    pattern = "model.hybrid_layer_pattern=*-*-|*-*-"
+    overrides = tiny_overrides(
+        root / "run", root / "data", 16, "parallel.pipeline=2", *HYBRID_RUN, pattern
+    )
     run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
     return root / "run"
 
@@ -82,7 +96,7 @@ def test_generate_streams_kv_cached_greedy_text(trained_run, tmp_path, single_ra
     # The first prompt's text is streamed to stdout as it is generated, then the others follow.
     assert proc.stdout.startswith(PROMPTS[0] + records[0]["text"] + "\n")
     assert f"--- prompt 1\n{PROMPTS[1]}{records[1]['text']}" in proc.stdout
-    assert "KV cache: 2 producer layer(s) of 4" in proc.stderr
+    assert "KV cache: 2 producer layer(s) of 4 attention layers" in proc.stderr
     assert "saved at TP 1 x PP 2" in proc.stderr
     reference = _reference_tokens(trained_run, [r["prompt_tokens"] for r in records])
     assert [r["tokens"] for r in records] == reference
@@ -100,3 +114,16 @@ def test_generate_reports_missing_checkpoint(tmp_path):
     proc = _generate(tmp_path, tmp_path / "out.json")
     assert proc.returncode != 0
     assert f"cannot serve {tmp_path}: no complete checkpoint in {tmp_path}" in proc.stderr
+
+
+@requires_hybrid
+def test_generate_serves_a_hybrid_checkpoint(trained_hybrid_run, tmp_path, single_rank):
+    """A HybridModel trained on two '|' segments is served as one stage, at TP 1 and TP 2:
+    the KV cache holds its 2 producer attention layers, tokens = no-cache greedy."""
+    proc = _generate(trained_hybrid_run, tmp_path / "tp1.json")
+    records = _records(proc, tmp_path / "tp1.json")
+    assert "KV cache: 2 producer layer(s) of 4 attention layers" in proc.stderr
+    reference = _reference_tokens(trained_hybrid_run, [r["prompt_tokens"] for r in records])
+    assert [r["tokens"] for r in records] == reference
+    two = _records(_generate(trained_hybrid_run, tmp_path / "tp2.json", 2), tmp_path / "tp2.json")
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in records]
