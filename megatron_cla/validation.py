@@ -22,7 +22,12 @@ from megatron_cla.sharing import KVSharing
 if TYPE_CHECKING:
     from megatron_cla.hybrid.layout import HybridLayout
 
-__all__ = ["validate_cla_setup", "check_pipeline_split", "suggest_pipeline_layout"]
+__all__ = [
+    "validate_cla_setup",
+    "check_pipeline_split",
+    "pipeline_chunks",
+    "suggest_pipeline_layout",
+]
 
 # (config field, predicate on its value, why it cannot be combined with CLA, what to do instead)
 _UNSUPPORTED: tuple[tuple[str, Any, str, str], ...] = (
@@ -149,7 +154,7 @@ def _check_no_rope_groups(config: Any, sharing: KVSharing, position: Callable[[i
             )
 
 
-def _chunk_starts(config: Any) -> list[tuple[int, int, int, int]]:
+def pipeline_chunks(config: Any) -> list[tuple[int, int, int, int]]:
     """(pp_rank, vp_stage, first global 0-based layer, number of layers) for every chunk."""
     pp = config.pipeline_model_parallel_size
     vp = config.virtual_pipeline_model_parallel_size
@@ -201,7 +206,7 @@ def check_pipeline_split(config: Any, sharing: KVSharing) -> None:
     """Every pipeline stage and virtual chunk must start on a producer (K/V never cross stages)."""
     if config.pipeline_model_parallel_size <= 1 or not sharing.has_consumers:
         return
-    for pp_rank, vp_stage, start, size in _chunk_starts(config):
+    for pp_rank, vp_stage, start, size in pipeline_chunks(config):
         if size > 0 and not sharing.is_producer(start + 1):
             layer = start + 1
             suggestion = suggest_pipeline_layout(

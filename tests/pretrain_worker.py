@@ -53,6 +53,13 @@ def pretrain_on_rank(overrides: list[str]) -> Any:
     return run_pretraining(load_config(None, overrides))
 
 
+def pretrain_file_on_rank(path: str, overrides: list[str]) -> Any:
+    """``python -m megatron_cla.pretrain --config PATH OVERRIDES`` in a spawned rank."""
+    from megatron_cla.pretrain import run_pretraining
+
+    return run_pretraining(load_config(Path(path), overrides))
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
     """Training loss per step from metrics.jsonl (later entries win: a resumed run rewrites)."""
     losses = {}
