@@ -1,9 +1,18 @@
 """Ready spec objects for an unmodified Megatron-LM ``pretrain_gpt.py``.
 
-``pretrain_gpt.py --spec <module> <attr>`` imports ``<module>``, takes ``vars(module)[attr]`` and
-hands the object to ``GPTModel`` without calling it (a function fails with "specialize for
-function."), before pipeline ranks are known. So the attributes below are single-layer
-``ModuleSpec`` objects that Megatron replicates for every layer. Each ``CLATransformerLayer`` then
+``pretrain_gpt.py --spec <module> <attr>`` imports ``<module>`` and takes ``vars(module)[attr]``.
+What it does with it depends on the release:
+
+* a ``ModuleSpec`` is handed to ``GPTModel`` as is, on every release. The ``cla*_local`` /
+  ``cla*_te`` attributes below are single-layer ``ModuleSpec`` objects that Megatron replicates for
+  every layer of the stage;
+* a callable is *called* since megatron-core 0.19 (``GPTModelBuilder`` passes its
+  ``GPTModelConfig`` and ``vp_stage=``); 0.16's ``gpt_builder`` never calls it and fails with
+  "specialize for function.". The ``cla*_block_local`` / ``cla*_block_te`` attributes are such
+  callables: they return the stage's whole CLA block spec, so they also honour
+  ``--moe-layer-freq`` patterns of mixed dense and MoE layers.
+
+Each ``CLATransformerLayer`` of a replicated layer spec
 
 * decides producer/consumer from its global layer number, and
 * builds its submodules from the run's config, so ``--qk-layernorm``, ``--normalization``,
@@ -13,10 +22,11 @@ Pick S without touching Megatron-LM::
 
     --spec megatron_cla.pretrain_gpt_spec cla2_te        # CLA2, Transformer Engine backend
     --spec megatron_cla.pretrain_gpt_spec cla3_local     # CLA3, Megatron-Core-only modules
+    --spec megatron_cla.pretrain_gpt_spec cla2_block_te  # 0.19+: block spec (mixed MoE layers)
 
     export MEGATRON_CLA_SHARE_FACTOR=4                   # any S ...
     export MEGATRON_CLA_PRODUCER_LAYERS=1,2,4,6,8        # ... or any producer pattern
-    --spec megatron_cla.pretrain_gpt_spec cla_te         # (or cla_local) reads the variables
+    --spec megatron_cla.pretrain_gpt_spec cla_te         # (or cla_local, cla_block_te, ...)
 
 The model needs ``megatron_cla`` importable (``pip install megatron-cla`` in the same
 environment). Pipeline splits are validated when the first layer is built; a stage that would
@@ -34,6 +44,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_cla.layer import CLATransformerLayer, CLATransformerLayerSubmodules
 from megatron_cla.specs import (
+    get_cla_decoder_block_spec,
     get_gpt_layer_with_cla_local_spec,
     get_gpt_layer_with_cla_transformer_engine_spec,
 )
@@ -47,6 +58,13 @@ __all__ = [
     "cla2_te",
     "cla3_te",
     "cla4_te",
+    "cla_block_local",
+    "cla_block_te",
+    "cla2_block_local",
+    "cla3_block_local",
+    "cla2_block_te",
+    "cla3_block_te",
+    "block_spec_for_pretrain_gpt",
     "layer_spec_for_pretrain_gpt",
 ]
 
@@ -105,3 +123,33 @@ cla4_local = layer_spec_for_pretrain_gpt(False, 4)
 cla2_te = layer_spec_for_pretrain_gpt(True, 2)
 cla3_te = layer_spec_for_pretrain_gpt(True, 3)
 cla4_te = layer_spec_for_pretrain_gpt(True, 4)
+
+
+def block_spec_for_pretrain_gpt(
+    model_config: Any,
+    vp_stage: Optional[int] = None,
+    *,
+    use_transformer_engine: bool,
+    share_factor: Optional[int] = None,
+) -> Any:
+    """The CLA block spec of one stage for the ``GPTModelConfig`` (or ``TransformerConfig``)
+    ``pretrain_gpt.py`` passes; S fixed, or read from the environment when ``None``."""
+    config = getattr(model_config, "transformer", model_config)  # GPTModelConfig wraps it
+    sharing: dict[str, Any] = (
+        {"cla_settings_from_env": True}
+        if share_factor is None
+        else {"cla_share_factor": share_factor}
+    )
+    return get_cla_decoder_block_spec(
+        config, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage, **sharing
+    )
+
+
+cla_block_local = partial(block_spec_for_pretrain_gpt, use_transformer_engine=False)
+"""0.19+ callable, local backend; sharing from the environment variables."""
+cla_block_te = partial(block_spec_for_pretrain_gpt, use_transformer_engine=True)
+"""0.19+ callable, Transformer Engine backend; sharing from the environment variables."""
+cla2_block_local = partial(cla_block_local, share_factor=2)
+cla3_block_local = partial(cla_block_local, share_factor=3)
+cla2_block_te = partial(cla_block_te, share_factor=2)
+cla3_block_te = partial(cla_block_te, share_factor=3)

@@ -162,19 +162,31 @@ def _check_backend(config: Any, use_transformer_engine: bool) -> None:
         )
 
 
-def _checked_block_options(config: Any, use_transformer_engine: bool) -> dict[str, Any]:
-    """Validate the CLA setup; the options Megatron's block-spec functions take from it."""
+def _checked_block_options(
+    config: Any, use_transformer_engine: bool, sharing: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate the CLA setup; (the options Megatron's block-spec functions take from the
+    config, the CLA layer params that fix the resolved producers)."""
     _check_backend(config, use_transformer_engine)
-    validate_cla_setup(config, resolve_sharing(config))
-    return dict(normalization=config.normalization, qk_l2_norm=config.qk_l2_norm)
-
-
-def get_cla_decoder_layer_specs(config: Any, *, use_transformer_engine: bool) -> list[ModuleSpec]:
-    """One CLA layer spec per decoder layer of ``config`` (MoE layer pattern included)."""
-    stock = gpt_layer_specs.get_gpt_decoder_layer_specs(
-        config, use_transformer_engine, **_checked_block_options(config, use_transformer_engine)
+    resolved = resolve_sharing(
+        config,
+        sharing.get("cla_share_factor"),
+        sharing.get("cla_producer_layers"),
+        bool(sharing.get("cla_settings_from_env")),
     )
-    return [cla_layer_spec_from_stock(spec) for spec in stock]
+    validate_cla_setup(config, resolved)
+    options = dict(normalization=config.normalization, qk_l2_norm=config.qk_l2_norm)
+    return options, ({"cla_producer_layers": list(resolved.producer_layers)} if sharing else {})
+
+
+def get_cla_decoder_layer_specs(
+    config: Any, *, use_transformer_engine: bool, **sharing: Any
+) -> list[ModuleSpec]:
+    """One CLA layer spec per decoder layer of ``config`` (MoE layer pattern included);
+    ``sharing`` as in :func:`get_cla_decoder_block_spec`."""
+    options, params = _checked_block_options(config, use_transformer_engine, sharing)
+    stock = gpt_layer_specs.get_gpt_decoder_layer_specs(config, use_transformer_engine, **options)
+    return [cla_layer_spec_from_stock(spec, **params) for spec in stock]
 
 
 def get_cla_decoder_block_spec(
@@ -183,22 +195,32 @@ def get_cla_decoder_block_spec(
     use_transformer_engine: bool,
     vp_stage: Optional[int] = None,
     pp_rank: Optional[int] = None,
+    cla_share_factor: Optional[int] = None,
+    cla_producer_layers: Optional[Sequence[int]] = None,
+    cla_settings_from_env: bool = False,
 ) -> TransformerBlockSubmodules:
     """The CLA layers of one pipeline stage / virtual chunk, as a block spec.
 
-    ``config`` must carry the sharing (``CLATransformerConfig`` or an object with
-    ``cla_share_factor``/``cla_producer_layers``). Invalid settings and pipeline splits that start a
-    chunk on a consumer raise ``ValueError`` here, before the model is built.
+    The sharing comes from ``cla_share_factor`` / ``cla_producer_layers`` /
+    ``cla_settings_from_env`` (the environment variables), or else from ``config``
+    (``CLATransformerConfig`` or an object with those fields). Invalid settings and pipeline splits
+    that start a chunk on a consumer raise ``ValueError`` here, before the model is built.
     """
+    sharing = {
+        k: v
+        for k, v in dict(
+            cla_share_factor=cla_share_factor,
+            cla_producer_layers=cla_producer_layers,
+            cla_settings_from_env=cla_settings_from_env,
+        ).items()
+        if v not in (None, False)
+    }
+    options, params = _checked_block_options(config, use_transformer_engine, sharing)
     stock = gpt_layer_specs.get_gpt_decoder_block_spec(
-        config,
-        use_transformer_engine,
-        vp_stage=vp_stage,
-        pp_rank=pp_rank,
-        **_checked_block_options(config, use_transformer_engine),
+        config, use_transformer_engine, vp_stage=vp_stage, pp_rank=pp_rank, **options
     )
     return TransformerBlockSubmodules(
-        layer_specs=[cla_layer_spec_from_stock(spec) for spec in stock.layer_specs],
+        layer_specs=[cla_layer_spec_from_stock(spec, **params) for spec in stock.layer_specs],
         layer_norm=stock.layer_norm,
     )
 

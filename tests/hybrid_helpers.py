@@ -152,7 +152,17 @@ STAND_IN_MAMBA = ModuleSpec(module=StandInMixerLayer)
 
 
 def with_stand_in_mixer(spec: ModuleSpec) -> ModuleSpec:
-    """``spec`` (a hybrid stack spec) with the CPU stand-in in its ``M`` slot."""
+    """``spec`` (a hybrid stack spec, or one that builds its submodules from the config) with
+    the CPU stand-in in its ``M`` slot."""
+    if spec.submodules is None:  # pretrain_hybrid_spec: submodules made at build time
+        factory = spec.params["cla_submodules_factory"]
+
+        def stand_in_factory(config: Any) -> Any:
+            return dataclasses.replace(factory(config), mamba_layer=STAND_IN_MAMBA)
+
+        return dataclasses.replace(
+            spec, params={**spec.params, "cla_submodules_factory": stand_in_factory}
+        )
     submodules = dataclasses.replace(spec.submodules, mamba_layer=STAND_IN_MAMBA)
     return dataclasses.replace(spec, submodules=submodules)
 

@@ -45,7 +45,43 @@ def _consumers(model) -> list[int]:
 
 def test_pretrain_gpt_spec_is_a_module_spec_not_a_function():
     spec = _pretrain_gpt_spec("cla2_local")
-    assert isinstance(spec, ModuleSpec)  # pretrain_gpt never calls what --spec resolves
+    assert isinstance(spec, ModuleSpec)  # used as is: 0.16's pretrain_gpt never calls --spec
+
+
+def test_pretrain_gpt_callable_spec_builds_the_block_from_the_model_config(single_rank):
+    """0.19's GPTModelBuilder calls a callable --spec with its GPTModelConfig (which wraps the
+    TransformerConfig as ``.transformer``) and ``vp_stage``; the block spec it returns equals the
+    block-spec model."""
+    spec_fn = _pretrain_gpt_spec("cla2_block_local")
+    assert not isinstance(spec_fn, ModuleSpec) and callable(spec_fn)
+    assert "vp_stage" in inspect.signature(spec_fn).parameters
+
+    @dataclasses.dataclass
+    class ModelConfig:  # the part of megatron.training's GPTModelConfig the callable reads
+        transformer: TransformerConfig
+
+    spec = spec_fn(ModelConfig(TransformerConfig(**PLAIN)), vp_stage=None)
+    assert isinstance(spec, TransformerBlockSubmodules) and len(spec.layer_specs) == 6
+    via_callable = build_gpt(TransformerConfig(**PLAIN), spec)
+    via_block = build_cla_gpt(tiny_config(cla_share_factor=2))
+    assert _consumers(via_callable) == _consumers(via_block) == [2, 4, 6]
+    loss_a, grads_a = loss_and_grads(via_callable, make_batch())
+    loss_b, grads_b = loss_and_grads(via_block, make_batch())
+    assert loss_a.item() == loss_b.item()
+    assert_grads_equal(grads_a, grads_b)
+
+
+def test_pretrain_gpt_callable_spec_honours_mixed_moe_layers(single_rank, monkeypatch):
+    """The block callable knows every layer, so --moe-layer-freq patterns work (the replicated
+    layer spec rejects them)."""
+    monkeypatch.setenv(ENV_SHARE_FACTOR, "3")
+    config = TransformerConfig(
+        **{**PLAIN, "num_moe_experts": 2, "moe_layer_freq": [1, 0] * 3, "add_bias_linear": False}
+    )
+    spec = _pretrain_gpt_spec("cla_block_local")(config, vp_stage=None)
+    model = build_gpt(config, spec)
+    assert _consumers(model) == [2, 3, 5, 6]
+    assert [layer.is_moe_layer for layer in model.decoder.layers] == [True, False] * 3
 
 
 def test_pretrain_gpt_spec_matches_block_spec_model(single_rank):
