@@ -115,6 +115,17 @@ def submodule_name(parent_name: Optional[str], child: str) -> dict:
     return {"name": f"{parent_name}.{child}"}
 
 
+def pg_collection_kwarg(spec: Any, pg_collection: Any) -> dict:
+    """``pg_collection=`` for a linear layer class that takes it (Megatron-LM main builds
+    ``linear_qkv`` with it, e.g. for GTP weight rematerialization); 0.16-0.19 linears do not."""
+    module = getattr(spec, "module", spec)
+    try:
+        params = inspect.signature(module.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"pg_collection": pg_collection} if "pg_collection" in params else {}
+
+
 def cuda_graph_scope_field(config: Any) -> str:
     """The config field that lists CUDA-graph capture regions (renamed in 0.19)."""
     return "cuda_graph_modules" if hasattr(config, "cuda_graph_modules") else "cuda_graph_scope"

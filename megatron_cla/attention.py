@@ -26,7 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import L2Norm
 from megatron.core.utils import is_te_min_version
 
-from megatron_cla._compat import submodule_name
+from megatron_cla._compat import pg_collection_kwarg, submodule_name
 from megatron_cla.inference.paged_attention import PagedAttentionOnCPU
 
 __all__ = ["CLAProducerAttention", "CLAConsumerAttention", "CLAConsumerAttentionSubmodules"]
@@ -148,6 +148,7 @@ class CLAConsumerAttention(PagedAttentionOnCPU, Attention):
             is_expert=False,
             tp_comm_buffer_name="qkv",
             tp_group=self.pg_collection.tp,
+            **pg_collection_kwarg(submodules.linear_q, self.pg_collection),
             **submodule_name(kwargs.get("name"), "linear_q"),
         )
         self.q_layernorm = self._build_q_layernorm(submodules.q_layernorm)

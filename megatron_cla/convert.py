@@ -16,12 +16,13 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_cla.cli import quiet_library_startup, user_errors
 
 __all__ = ["main"]
 
@@ -44,21 +45,20 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = _parse(argv)
-    warnings.simplefilter("ignore")  # library import chatter; errors below are one line
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    quiet_library_startup()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if int(os.environ.get("WORLD_SIZE", 1)) != 1:
         sys.exit("convert: run it as one process (not under torchrun)")
     from megatron_cla._compat import require_hybrid_model
     from megatron_cla.pretrain import init_distributed
 
     try:
-        require_hybrid_model("gpt-to-hybrid")
-        from megatron_cla.hybrid.convert import convert_gpt_checkpoint
+        with user_errors("convert", ImportError, RuntimeError):
+            require_hybrid_model("gpt-to-hybrid")
+            from megatron_cla.hybrid.convert import convert_gpt_checkpoint
 
-        init_distributed(torch.cuda.is_available())
-        path, twin = convert_gpt_checkpoint(args.checkpoint, args.out, args.iteration)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
-        sys.exit(f"convert: {err}")
+            init_distributed(torch.cuda.is_available())
+            path, twin = convert_gpt_checkpoint(args.checkpoint, args.out, args.iteration)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -25,6 +25,7 @@ from typing import Any, Optional, TextIO
 import torch
 import torch.distributed as dist
 
+from megatron_cla.cli import quiet_library_startup, user_errors
 from megatron_cla.training.config import PretrainConfig, config_from_dict
 
 __all__ = ["GenerationSettings", "find_checkpoint", "serving_config", "generate", "main"]
@@ -250,14 +251,13 @@ def _parse(argv: Optional[list[str]]) -> tuple[argparse.Namespace, GenerationSet
 
 def main(argv: Optional[list[str]] = None) -> None:
     args, settings = _parse(argv)
+    quiet_library_startup(args.verbose)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # keep the generated text readable: no import-time library warnings
+    if not args.verbose:  # keep the generated text readable: Megatron's serving chatter too
         warnings.simplefilter("ignore")
         logging.getLogger("megatron").setLevel(logging.ERROR)
-    try:
+    with user_errors(f"cannot serve {args.checkpoint}"):
         engine, tokenizer = _load_engine(args, settings)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"cannot serve {args.checkpoint}: {err}")
     first = dist.get_rank() == 0
     if first:
         sys.stdout.write(args.prompt[0])

@@ -30,6 +30,7 @@ from megatron_cla.accounting import (
     mamba_state_bytes,
     params_per_layer,
 )
+from megatron_cla.cli import quiet_library_startup, user_errors
 from megatron_cla.sharing import KVSharing
 from megatron_cla.training.config import PretrainConfig, load_config
 
@@ -347,12 +348,13 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=256, help="tokens per KV block")
     parser.add_argument("--lengths", default="2048,8192,32768,131072", help="sequence lengths")
     parser.add_argument("--plot", type=Path, default=Path("kv_budget.png"), help="PNG to write")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = _parse(argv)
-    try:
+    quiet_library_startup()
+    with user_errors("kv_budget"):
         cfg = load_config(args.config, args.overrides)
         gpu, reserve = parse_bytes(args.gpu_mem), parse_bytes(args.reserve)
         lengths = [int(x) for x in args.lengths.split(",")]
@@ -364,8 +366,6 @@ def main(argv: Optional[list[str]] = None) -> None:
             reserve_bytes=reserve,
         )
         budgets = [plan_budget(c, gpu, **options) for c in (cfg, no_cla_twin(cfg))]
-    except ValueError as err:
-        sys.exit(f"kv_budget: {err}")
     if budgets[0].buffer_bytes == 0:
         sys.exit(
             f"kv_budget: the weights ({_size(budgets[0].weight_bytes_per_gpu)}) and the reserve "

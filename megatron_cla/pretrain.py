@@ -1,4 +1,4 @@
-"""Pretrain a CLA GPT with Megatron-Core: ``python -m megatron_cla.pretrain --config X.yaml [k=v]``.
+"""Pretrain a CLA model with Megatron-Core: ``python -m megatron_cla.pretrain --config X.yaml``.
 
 Run it directly (one process; CPU or one GPU) or under ``torchrun`` (any number of processes and
 nodes; see ``launch/``). NCCL is used on GPUs and gloo on CPUs. The config is validated against
@@ -12,20 +12,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 import yaml
 
 from megatron_cla.accounting import DecoderShape, kv_cache_bytes_per_token
+from megatron_cla.cli import quiet_library_startup, user_errors
 from megatron_cla.sharing import KVSharing
 from megatron_cla.training.config import PretrainConfig, load_config
-from megatron_cla.training.plan import RunPlan, make_plan
+
+if TYPE_CHECKING:
+    from megatron_cla.training.plan import RunPlan
 
 __all__ = ["init_distributed", "main", "run_pretraining"]
 
@@ -130,6 +132,7 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
         padded_vocab_size,
         resumed_vocab_size,
     )
+    from megatron_cla.training.plan import make_plan
 
     on_gpu = torch.cuda.is_available()
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
@@ -208,14 +211,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         help="YAML config (configs/*.yaml); default: built-in tiny defaults",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
-    args = parser.parse_args(argv)
+    parser.add_argument("--verbose", action="store_true", help="show library start-up notices")
+    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
+    quiet_library_startup(args.verbose)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with user_errors("invalid configuration"):
+        if args.config is not None and not args.config.is_file():
+            raise FileNotFoundError(f"--config {args.config}: no such file")
         cfg = load_config(args.config, args.overrides)
-        make_plan(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail fast, before any import cost
-    except ValueError as err:
-        sys.exit(f"invalid configuration: {err}")
-    run_pretraining(cfg)
+        from megatron_cla.training.plan import make_plan
+
+        make_plan(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail fast, before allocation
+    from megatron_cla.training.checkpoint import CorruptCheckpoint
+
+    with user_errors("pretrain", CorruptCheckpoint):
+        run_pretraining(cfg)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_cla.cli import quiet_library_startup, user_errors
 from megatron_cla.training.config import PretrainConfig, load_config
 
 __all__ = ["Grid", "SweepRun", "load_grid", "plan_runs", "run_sweep", "main"]
@@ -319,12 +320,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
-    try:
+    quiet_library_startup()
+    with user_errors("invalid sweep"):
         grid = load_grid(args.grid)
         out = args.out or Path("runs/sweeps") / grid.name
         runs = plan_runs(grid, out)
-    except ValueError as err:
-        sys.exit(f"invalid sweep: {err}")
     print(
         f"sweep {grid.name}: {len(runs)} runs ({len(grid.variants)} variants x "
         f"{len(grid.seeds)} seeds + LR sweep) -> {out}"

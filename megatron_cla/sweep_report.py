@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_cla.cli import user_errors
 from megatron_cla.sweep import Grid, load_grid
 
 __all__ = ["VariantStats", "aggregate", "check_claim", "write_report", "main"]
@@ -257,11 +258,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--command", default=None, help="how the results were produced")
     parser.add_argument("--hardware", default=None, help="what they were produced on")
     args = parser.parse_args(argv)
-    rows = json.loads((args.results / "results.json").read_text())
-    bad = [r for r in rows if not math.isfinite(r["val_ppl"])]
-    if bad:
-        raise SystemExit(f"non-finite validation perplexity in {len(bad)} run(s): {bad[:2]}")
-    path = write_report(load_grid(args.grid), rows, args.out, args.command, args.hardware)
+    with user_errors("sweep_report"):
+        rows = json.loads((args.results / "results.json").read_text())
+        bad = [r for r in rows if not math.isfinite(r["val_ppl"])]
+        if bad:
+            raise ValueError(f"non-finite validation perplexity in {len(bad)} run(s): {bad[:2]}")
+        path = write_report(load_grid(args.grid), rows, args.out, args.command, args.hardware)
     print(f"wrote {path} and {args.out / 'pareto.png'}")
 
 

@@ -111,3 +111,42 @@ def test_stock_weights_load_into_producers(single_rank):
     for i in (0, 2, 4):
         key = f"decoder.layers.{i}.self_attention.linear_qkv.weight"
         assert torch.equal(cla2.state_dict()[key], stock.state_dict()[key])
+
+
+class _LinearTakingProcessGroups(torch.nn.Module):
+    """A linear class with Megatron-LM main's signature (``pg_collection=``): records it."""
+
+    seen: list = []
+
+    def __init__(self, *args, pg_collection=None, **kwargs):
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        super().__init__()
+        kwargs.pop("name", None)
+        self.inner = ColumnParallelLinear(*args, **kwargs)
+        self.weight = self.inner.weight
+        _LinearTakingProcessGroups.seen.append(pg_collection)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_consumer_linear_q_gets_the_process_groups_when_it_takes_them(single_rank):
+    """Like Megatron-LM main's linear_qkv (GTP weight remat needs them); 0.16-0.19 linears do
+    not take pg_collection and do not get it."""
+    from megatron_cla import get_gpt_layer_with_cla_local_spec
+
+    spec = get_gpt_layer_with_cla_local_spec(cla_share_factor=2)
+    spec.submodules.consumer_self_attention.submodules.linear_q = _LinearTakingProcessGroups
+    _LinearTakingProcessGroups.seen.clear()
+    from tests.helpers import build_gpt
+
+    model = build_gpt(tiny_config(cla_share_factor=2), spec)
+    consumers = [m for m in model.modules() if isinstance(m, CLAConsumerAttention)]
+    assert len(_LinearTakingProcessGroups.seen) == len(consumers) == 3
+    assert all(
+        pg is c.pg_collection
+        for pg, c in zip(_LinearTakingProcessGroups.seen, consumers, strict=True)
+    )
+    loss = model(*(make_batch()[k] for k in ("tokens", "position_ids", "attention_mask")))
+    assert torch.isfinite(loss).all()

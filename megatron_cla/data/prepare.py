@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from megatron_cla.cli import user_errors
 from megatron_cla.data.corpus import EMBEDDED_CORPUS, _chunks, read_jsonl
 from megatron_cla.data.tokenizer import load_tokenizer, train_sentencepiece
 
@@ -140,9 +141,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="reuse this .model")
     parser.add_argument("--text-key", default="text")
     args = parser.parse_args(argv)
-    manifest = prepare(
-        args.input, args.out, args.vocab_size, args.valid_percent, args.tokenizer, args.text_key
-    )
+    with user_errors("prepare"):
+        manifest = prepare(
+            args.input, args.out, args.vocab_size, args.valid_percent, args.tokenizer, args.text_key
+        )
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens")
     print(f"wrote {args.out}/{{tokenizer.model,train,valid}}.{{bin,idx}} and manifest.json")

@@ -1,0 +1,78 @@
+"""What the ``python -m megatron_cla.*`` commands share: a quiet start and one-line errors.
+
+Importing Megatron-Core prints about ten notices before anything useful: that Apex and
+Transformer Engine are missing and torch norms/optimizers are used instead, that MimoModelConfig
+is experimental, PyTorch's "No CUDA runtime is found" on a CPU; then every config warns about
+Megatron's own default ``cuda_graph_modules``, every model build about GPTModel's deprecation and
+the first checkpoint about Megatron's async-save internals. The commands hide exactly these
+(``--verbose`` shows them), in
+their own process and in the helper processes they spawn (the checkpoint writer re-imports
+Megatron), and report every user error as one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from typing import Iterator
+
+__all__ = ["quiet_library_startup", "user_errors"]
+
+NOTICES = (
+    "Apex is not installed",
+    "Transformer Engine and Apex are not installed",
+    "Only transformer-engine>=",
+    "MimoModelConfig is experimental",
+    "'pin_memory' argument is set as true but no accelerator is found",
+    "full scope is deprecated",
+)
+"""Starts of the import-time warnings about optional accelerators that the commands hide."""
+
+QUIET_LOGGERS = ("torch.utils.cpp_extension", "megatron.core.models.gpt.gpt_model")
+"""Loggers of "No CUDA runtime is found" and of GPTModel's deprecation notice."""
+
+QUIET_RECORDS = {"megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is"}
+"""Logger -> start of the one record of it that is hidden."""
+
+
+class _DropRecord(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def quiet_library_startup(verbose: bool = False) -> None:
+    """Hide Megatron's and PyTorch's accelerator notices (see the module docstring) here and in
+    processes spawned from here; call it before Megatron-Core is imported."""
+    if verbose:
+        return
+    for notice in NOTICES:
+        warnings.filterwarnings("ignore", message=f"^{notice}")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name, start in QUIET_RECORDS.items():
+        logging.getLogger(name).addFilter(_DropRecord(start))
+    inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(inherited + [f"ignore:{n}" for n in NOTICES])
+    os.environ.setdefault("TORCH_LOGS", "-torch")  # torch's own loggers: errors only
+
+
+@contextlib.contextmanager
+def user_errors(prog: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """Turn configuration and input errors into ``prog: message`` on one line, exit status 1."""
+    import yaml
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, IsADirectoryError, yaml.YAMLError, *kinds) as err:
+        if isinstance(err, OSError) and err.filename is not None and err.strerror:
+            message = f"{err.strerror.lower()}: {err.filename}"
+        else:
+            message = " ".join(str(err).split()) or type(err).__name__
+        sys.exit(f"{prog}: {message}")
