@@ -4,7 +4,8 @@ Importing Megatron-Core prints about ten notices before anything useful: that Ap
 Transformer Engine are missing and torch norms/optimizers are used instead, that MimoModelConfig
 is experimental, PyTorch's "No CUDA runtime is found" on a CPU; then every config warns about
 Megatron's own default ``cuda_graph_modules``, every model build about GPTModel's deprecation and
-the first checkpoint about Megatron's async-save internals. The commands hide exactly these
+the first checkpoint about Megatron's async-save internals and PyTorch's checkpoint-reader
+internals. The commands hide exactly these
 (``--verbose`` shows them), in
 their own process and in the helper processes they spawn (the checkpoint writer re-imports
 Megatron), and report every user error as one line and exit status 1.
@@ -28,6 +29,8 @@ NOTICES = (
     "MimoModelConfig is experimental",
     "'pin_memory' argument is set as true but no accelerator is found",
     "full scope is deprecated",
+    "torch.distributed is disabled, unavailable or uninitialized",
+    "The argument order of load has been changed",
 )
 """Starts of the import-time warnings about optional accelerators that the commands hide."""
 

@@ -189,3 +189,19 @@ def test_attention_numbering_counts_star_slots_only(single_rank):
     names = dict(model.named_parameters())
     assert "decoder.layers.2.self_attention.linear_q.weight" in names
     assert "decoder.layers.2.self_attention.linear_qkv.weight" not in names
+
+
+def test_moe_hybrid_equals_gpt_with_mixed_moe_layers(single_rank):
+    """`*E*-*E*-` = a GPT CLA2 model whose layers 1 and 3 are MoE: the hand-off crosses MoE
+    layers unchanged (same weights: same logits and gradients, bit for bit)."""
+    moe = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, add_bias_linear=False)
+    gpt_config = tiny_config(num_layers=4, cla_share_factor=2, moe_layer_freq=[1, 0, 1, 0], **moe)
+    gpt = build_cla_gpt(gpt_config)
+    hybrid = build_cla_hybrid(tiny_hybrid_config("*E*-*E*-", cla_share_factor=2, **moe))
+    names = _copy_gpt_weights(gpt, hybrid)
+    batch = make_batch(seed=4)
+    assert torch.equal(_logits(hybrid, batch), _logits(gpt, batch))
+    loss_g, grads_g = loss_and_grads(gpt, batch)
+    loss_h, grads_h = loss_and_grads(hybrid, batch)
+    assert loss_h.item() == loss_g.item()
+    assert_grads_equal({names[k]: v for k, v in grads_h.items()}, grads_g)
