@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.hybrid_helpers import requires_hybrid
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,3 +54,17 @@ def test_inference_benchmark_runs(tmp_path):
     assert ratios["static cache bytes"] == ratios["paged block bytes"] == 0.5
     assert ratios["peak concurrent requests"] >= 2.0
     assert ratios["decode tokens/s"] > 0
+
+
+@requires_hybrid
+def test_hybrid_benchmark_runs(tmp_path):
+    out = tmp_path / "result.json"
+    args = "--hidden 64 --layers 4 --heads 4 --seq 32 --batch 2 --vocab 128 --steps 3 --warmup 1"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "hybrid_step_time.py"), *args.split()]
+    proc = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("device: ")  # no library notices first
+    ratios = json.loads(out.read_text())["ratios"]
+    assert ratios["hybrid CLA2 / hybrid S=1 KV bytes/token (measured)"] == 0.5
+    assert ratios["hybrid CLA2 / GPT CLA2 KV bytes/token (measured)"] == 1.0
+    assert ratios["hybrid CLA2 / GPT CLA2 params"] == 1.0

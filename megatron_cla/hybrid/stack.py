@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -76,10 +77,12 @@ class UnavailableLayer(torch.nn.Module):
 
 
 def _pattern_from_megatron_args() -> Optional[str]:
-    """``--hybrid-layer-pattern`` of a running Megatron-LM ``pretrain_hybrid.py``, if any."""
-    try:
-        from megatron.training import global_vars
-    except ImportError:
+    """``--hybrid-layer-pattern`` of a running Megatron-LM ``pretrain_hybrid.py``, if any.
+
+    Only looked up when ``megatron.training`` is already loaded: importing it (its package
+    imports the training loop) would reconfigure logging for the whole process."""
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    if global_vars is None:
         return None
     args = getattr(global_vars, "_GLOBAL_ARGS", None)
     return getattr(args, "hybrid_layer_pattern", None) if args is not None else None
