@@ -49,22 +49,28 @@ from megatron_cla.testing import (  # noqa: E402
 )
 
 
-def _args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def model_arguments(doc: str, layers_help: str = "decoder layers") -> argparse.ArgumentParser:
+    """The model, batch and timing options both step-time benchmarks take."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers", type=int, default=8, help=layers_help)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--groups", type=int, default=1, help="KV heads (1 = MQA)")
-    p.add_argument("--ffn", type=int, default=None, help="default 4 x hidden")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--steps", type=int, default=15, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--te", action="store_true", help="Transformer Engine specs (GPU)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return p
+
+
+def _args() -> argparse.Namespace:
+    p = model_arguments(__doc__)
+    p.add_argument("--ffn", type=int, default=None, help="default 4 x hidden")
     p.add_argument("--fp8", default=None, help="FP8 recipe with --te: delayed, tensorwise, ...")
     p.add_argument("--sequential", action="store_true", help="one model at a time (GPU memory)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args()
     if (a.te or a.fp8) and not torch.cuda.is_available():
         p.error("--te and --fp8 need a GPU")
@@ -73,14 +79,17 @@ def _args() -> argparse.Namespace:
     return a
 
 
-def _config(a: argparse.Namespace, share_factor: int) -> CLATransformerConfig:
+def model_config(
+    a: argparse.Namespace, share_factor: int, **overrides: object
+) -> CLATransformerConfig:
+    """The benchmark model (SwiGLU, RMSNorm, no biases or dropout; bf16 on a GPU)."""
     on_gpu = torch.cuda.is_available()
-    return CLATransformerConfig(
+    settings: dict = dict(
         num_layers=a.layers,
         hidden_size=a.hidden,
         num_attention_heads=a.heads,
         num_query_groups=a.groups,
-        ffn_hidden_size=a.ffn or 4 * a.hidden,
+        ffn_hidden_size=getattr(a, "ffn", None) or 4 * a.hidden,
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
@@ -92,8 +101,9 @@ def _config(a: argparse.Namespace, share_factor: int) -> CLATransformerConfig:
         cla_share_factor=share_factor,
         transformer_impl="transformer_engine" if a.te else "local",
         masked_softmax_fusion=False,  # Megatron's fused softmax kernels are not in the wheel
-        **(dict(fp8="hybrid", fp8_recipe=a.fp8) if a.fp8 else {}),
+        **(dict(fp8="hybrid", fp8_recipe=a.fp8) if getattr(a, "fp8", None) else {}),
     )
+    return CLATransformerConfig(**{**settings, **overrides})
 
 
 def _model(config: CLATransformerConfig, spec, a: argparse.Namespace) -> torch.nn.Module:
@@ -140,7 +150,7 @@ def _train_step(model, optimizer, batch) -> float:
 
 
 def _specs(a: argparse.Namespace) -> dict[str, tuple[CLATransformerConfig, object]]:
-    cla1, cla2 = _config(a, 1), _config(a, 2)
+    cla1, cla2 = model_config(a, 1), model_config(a, 2)
     stock = get_gpt_decoder_block_spec(cla1, a.te, normalization="RMSNorm")
     return {
         "stock": (cla1, stock),
@@ -149,9 +159,8 @@ def _specs(a: argparse.Namespace) -> dict[str, tuple[CLATransformerConfig, objec
     }
 
 
-def _time_interleaved(a: argparse.Namespace, specs: dict) -> tuple[dict, dict]:
+def time_interleaved(a: argparse.Namespace, models: dict) -> dict[str, list[float]]:
     """All models resident, one step of each in turn: load drifts hit all models alike."""
-    models = {k: _model(config, spec, a) for k, (config, spec) in specs.items()}
     optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     batch = _batch(a)
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -160,8 +169,13 @@ def _time_interleaved(a: argparse.Namespace, specs: dict) -> tuple[dict, dict]:
             elapsed = _train_step(model, optimizers[name], batch)
             if step >= a.warmup:
                 times[name].append(elapsed)
+    return times
+
+
+def _time_interleaved(a: argparse.Namespace, specs: dict) -> tuple[dict, dict]:
+    models = {k: _model(config, spec, a) for k, (config, spec) in specs.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    return times, {k: {"params": n} for k, n in params.items()}
+    return time_interleaved(a, models), {k: {"params": n} for k, n in params.items()}
 
 
 def _time_sequential(a: argparse.Namespace, specs: dict) -> tuple[dict, dict]:
@@ -245,13 +259,14 @@ def _report(a: argparse.Namespace, rows: dict) -> None:
         )
     for name, value in ratios.items():
         print(f"{name:<26} {value:.3f}")
+    write_json(a, where, rows, ratios)
+
+
+def write_json(a: argparse.Namespace, device_name: str, rows: dict, ratios: dict) -> None:
+    """The run's arguments, device, rows and ratios to ``--json`` (when given)."""
     if a.json:
-        a.json.write_text(
-            json.dumps(
-                dict(args=vars(a) | {"json": str(a.json)}, device=where, rows=rows, ratios=ratios),
-                indent=2,
-            )
-        )
+        result = dict(args=vars(a) | {"json": str(a.json)}, device=device_name, rows=rows)
+        a.json.write_text(json.dumps(result | {"ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

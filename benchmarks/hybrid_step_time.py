@@ -17,7 +17,6 @@ the bytes a Megatron ``StaticInferenceContext`` holds after one prefill, per cac
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +30,13 @@ from megatron_cla.cli import quiet_library_startup  # noqa: E402
 
 quiet_library_startup()  # before Megatron's import-time notices
 
-from benchmarks.cla_step_time import _batch, _sync, _train_step  # noqa: E402
+from benchmarks.cla_step_time import (  # noqa: E402
+    _batch,
+    model_arguments,
+    model_config,
+    time_interleaved,
+    write_json,
+)
 from megatron_cla import CLATransformerConfig  # noqa: E402
 from megatron_cla.accounting import DecoderShape, kv_cache_bytes_per_token  # noqa: E402
 from megatron_cla.testing import (  # noqa: E402
@@ -43,19 +48,8 @@ from megatron_cla.testing import (  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8, help="GPT layers; the hybrid is '*-' x this")
+    p = model_arguments(__doc__, layers_help="GPT layers; the hybrid is '*-' x this")
     p.add_argument("--pattern", default=None, help="hybrid pattern instead (no GPT twin then)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--groups", type=int, default=1, help="KV heads (1 = MQA)")
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=15, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--te", action="store_true", help="Transformer Engine specs (GPU)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args()
     if a.te and not torch.cuda.is_available():
         p.error("--te needs a GPU")
@@ -63,26 +57,10 @@ def _args() -> argparse.Namespace:
 
 
 def _config(a: argparse.Namespace, share_factor: int, pattern: str | None):
-    on_gpu = torch.cuda.is_available()
-    return CLATransformerConfig(
-        num_layers=len(pattern.replace("|", "")) if pattern else a.layers,
-        hybrid_layer_pattern=pattern,
-        hidden_size=a.hidden,
-        num_attention_heads=a.heads,
-        num_query_groups=a.groups,
-        ffn_hidden_size=4 * a.hidden,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bf16=on_gpu,
-        params_dtype=torch.bfloat16 if on_gpu else torch.float32,
-        cla_share_factor=share_factor,
-        transformer_impl="transformer_engine" if a.te else "local",
-        masked_softmax_fusion=False,
-    )
+    if pattern is None:
+        return model_config(a, share_factor)
+    layers = len(pattern.replace("|", ""))
+    return model_config(a, share_factor, num_layers=layers, hybrid_layer_pattern=pattern)
 
 
 def _models(a: argparse.Namespace) -> dict[str, tuple[CLATransformerConfig, torch.nn.Module]]:
@@ -145,23 +123,11 @@ def main() -> None:
                 kv_bytes_per_token=kv_cache_bytes_per_token(shape, element),
                 kv_bytes_per_token_measured=_measured_kv_bytes_per_token(model, a),
             )
-        times = _time_interleaved(a, {k: m for k, (_, m) in models.items()})
+        times = time_interleaved(a, {k: m for k, (_, m) in models.items()})
     for name, row in rows.items():
         row["step_ms"] = 1000 * statistics.median(times[name])
         row["step_ms_iqr"] = [1000 * q for q in statistics.quantiles(times[name], n=4)[::2]]
     _report(a, rows)
-
-
-def _time_interleaved(a: argparse.Namespace, models: dict) -> dict[str, list[float]]:
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    batch, times = _batch(a), {k: [] for k in models}
-    for step in range(a.warmup + a.steps):
-        for name, model in models.items():
-            elapsed = _train_step(model, optimizers[name], batch)
-            if step >= a.warmup:
-                times[name].append(elapsed)
-    _sync()
-    return times
 
 
 def _ratio(rows: dict, a: str, b: str, key: str) -> float:
@@ -199,13 +165,7 @@ def _report(a: argparse.Namespace, rows: dict) -> None:
             ratios[f"{x} / {y} {label}"] = _ratio(rows, x, y, key)
     for name, value in ratios.items():
         print(f"{name:<50} {value:.3f}")
-    if a.json:
-        a.json.write_text(
-            json.dumps(
-                dict(args=vars(a) | {"json": str(a.json)}, device=where, rows=rows, ratios=ratios),
-                indent=2,
-            )
-        )
+    write_json(a, where, rows, ratios)
 
 
 if __name__ == "__main__":

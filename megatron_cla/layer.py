@@ -52,6 +52,7 @@ __all__ = [
     "CLATransformerLayerSubmodules",
     "ENV_SHARE_FACTOR",
     "ENV_PRODUCER_LAYERS",
+    "fixed_or_env_sharing",
     "resolve_sharing",
 ]
 
@@ -104,6 +105,14 @@ def _env_settings() -> tuple[Optional[int], Optional[list[int]]]:
             f"Cannot parse {ENV_SHARE_FACTOR}={factor!r} / {ENV_PRODUCER_LAYERS}={producers!r}: "
             f"use an integer and a comma-separated list of integers."
         ) from err
+
+
+def fixed_or_env_sharing(share_factor: Optional[int]) -> dict[str, Any]:
+    """Spec params that fix S, or for ``None`` read the sharing from the environment variables
+    (what the ready-made specs of ``pretrain_gpt.py`` / ``pretrain_hybrid.py`` carry)."""
+    if share_factor is None:
+        return {"cla_settings_from_env": True}
+    return {"cla_share_factor": share_factor}
 
 
 def resolve_sharing(

@@ -42,7 +42,11 @@ from typing import Any, Optional
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_cla.layer import CLATransformerLayer, CLATransformerLayerSubmodules
+from megatron_cla.layer import (
+    CLATransformerLayer,
+    CLATransformerLayerSubmodules,
+    fixed_or_env_sharing,
+)
 from megatron_cla.specs import (
     get_cla_decoder_block_spec,
     get_gpt_layer_with_cla_local_spec,
@@ -101,15 +105,8 @@ def layer_spec_for_pretrain_gpt(
     use_transformer_engine: bool, share_factor: Optional[int] = None
 ) -> ModuleSpec:
     """A replicable CLA layer spec; S fixed, or read from the environment when ``None``."""
-    params: dict[str, Any] = {
-        "cla_submodules_factory": partial(
-            submodules_from_config, use_transformer_engine=use_transformer_engine
-        )
-    }
-    if share_factor is None:
-        params["cla_settings_from_env"] = True
-    else:
-        params["cla_share_factor"] = share_factor
+    factory = partial(submodules_from_config, use_transformer_engine=use_transformer_engine)
+    params = {"cla_submodules_factory": factory, **fixed_or_env_sharing(share_factor)}
     return ModuleSpec(module=CLATransformerLayer, params=params)
 
 
@@ -135,13 +132,11 @@ def block_spec_for_pretrain_gpt(
     """The CLA block spec of one stage for the ``GPTModelConfig`` (or ``TransformerConfig``)
     ``pretrain_gpt.py`` passes; S fixed, or read from the environment when ``None``."""
     config = getattr(model_config, "transformer", model_config)  # GPTModelConfig wraps it
-    sharing: dict[str, Any] = (
-        {"cla_settings_from_env": True}
-        if share_factor is None
-        else {"cla_share_factor": share_factor}
-    )
     return get_cla_decoder_block_spec(
-        config, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage, **sharing
+        config,
+        use_transformer_engine=use_transformer_engine,
+        vp_stage=vp_stage,
+        **fixed_or_env_sharing(share_factor),
     )
 
 

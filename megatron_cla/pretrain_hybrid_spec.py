@@ -24,12 +24,13 @@ need Transformer Engine and their CUDA kernels, as with Megatron's own spec.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional
+from typing import Optional
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_cla.hybrid.specs import hybrid_submodules_from_config
 from megatron_cla.hybrid.stack import CLAHybridStack
+from megatron_cla.layer import fixed_or_env_sharing
 
 __all__ = [
     "cla_local",
@@ -46,15 +47,8 @@ def stack_spec_for_pretrain_hybrid(
     use_transformer_engine: bool, share_factor: Optional[int] = None
 ) -> ModuleSpec:
     """A CLA hybrid stack spec built from the run's config; S fixed, or from the environment."""
-    params: dict[str, Any] = {
-        "cla_submodules_factory": partial(
-            hybrid_submodules_from_config, use_transformer_engine=use_transformer_engine
-        )
-    }
-    if share_factor is None:
-        params["cla_settings_from_env"] = True
-    else:
-        params["cla_share_factor"] = share_factor
+    factory = partial(hybrid_submodules_from_config, use_transformer_engine=use_transformer_engine)
+    params = {"cla_submodules_factory": factory, **fixed_or_env_sharing(share_factor)}
     return ModuleSpec(module=CLAHybridStack, params=params)
 
 

@@ -107,6 +107,36 @@ def assert_grads_equal(
     assert not bad, "gradients differ:\n" + "\n".join(bad)
 
 
+def assert_same_step(got: tuple, want: tuple) -> None:
+    """Two ``loss_and_grads`` results agree bit for bit: loss and every gradient."""
+    assert got[0].item() == want[0].item(), (got[0].item(), want[0].item())
+    assert_grads_equal(got[1], want[1])
+
+
+def assert_same_model_step(model: Any, reference: Any, batch: dict) -> None:
+    """``model`` has ``reference``'s parameter names and initial values, and one training step
+    gives the same loss and gradients, bit for bit."""
+    pairs = zip(model.named_parameters(), reference.named_parameters(), strict=True)
+    for (name, p), (ref_name, ref) in pairs:
+        assert name == ref_name and p.equal(ref), name
+    assert_same_step(loss_and_grads(model, batch), loss_and_grads(reference, batch))
+
+
+def detach_the_handoff(monkeypatch: Any) -> None:
+    """Make every CLA layer cut the gradient path through the K/V hand-off (what a side channel
+    across checkpoint chunks does), to show that the bitwise checks catch it."""
+    from megatron_cla import CLATransformerLayer
+
+    original = CLATransformerLayer._forward_attention
+
+    def detached(self, hidden_states, attention_mask=None, context=None, *args, **kwargs):
+        if isinstance(context, torch.Tensor):
+            context = context.detach()
+        return original(self, hidden_states, attention_mask, context, *args, **kwargs)
+
+    monkeypatch.setattr(CLATransformerLayer, "_forward_attention", detached)
+
+
 def build_cla_gpt(config: Any, seed: int = 7, **kwargs: Any) -> GPTModel:
     """GPTModel with the local-backend CLA block spec of ``config``."""
     spec = get_cla_decoder_block_spec(config, use_transformer_engine=False)

@@ -30,6 +30,24 @@ class RefConfig:
     eps: float = 1e-5
     rope_base: float = 10000.0
 
+    @classmethod
+    def of(cls, config, vocab: int, gated: bool = False) -> RefConfig:
+        """The reference's settings for a Megatron (CLA) config; its producers count
+        attention layers, as the config's sharing does."""
+        return cls(
+            num_layers=config.num_layers,
+            hidden=config.hidden_size,
+            heads=config.num_attention_heads,
+            groups=config.num_query_groups,
+            producers=config.cla_sharing.producer_layers,
+            ffn=config.ffn_hidden_size,
+            vocab=vocab,
+            gated=gated,
+            rms_norm=config.normalization == "RMSNorm",
+            qk_norm=config.qk_layernorm,
+            eps=config.layernorm_epsilon,
+        )
+
 
 def _norm(x, w, b, cfg):
     if cfg.rms_norm:

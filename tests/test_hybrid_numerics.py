@@ -14,6 +14,7 @@ from megatron_cla import CLAConsumerAttention
 from tests.helpers import (
     VOCAB,
     assert_grads_equal,
+    assert_same_model_step,
     build_cla_gpt,
     loss_and_grads,
     make_batch,
@@ -131,26 +132,7 @@ def test_s1_is_bitwise_megatron_stock_stack(single_rank, monkeypatch, pattern, r
     config = tiny_hybrid_config(pattern, num_query_groups=2, **RECOMPUTE[recompute])
     stock = build_hybrid(config, stock_spec, pattern)
     cla = build_cla_hybrid(config)
-    for (n1, p1), (n2, p2) in zip(stock.named_parameters(), cla.named_parameters(), strict=True):
-        assert n1 == n2 and p1.equal(p2)
-    batch = make_batch(seed=3)
-    loss_s, grads_s = loss_and_grads(stock, batch)
-    loss_c, grads_c = loss_and_grads(cla, batch)
-    assert loss_s.item() == loss_c.item()
-    assert_grads_equal(grads_c, grads_s)
-
-
-def _ref_config(config) -> RefConfig:
-    return RefConfig(
-        num_layers=config.num_layers,
-        hidden=config.hidden_size,
-        heads=config.num_attention_heads,
-        groups=config.num_query_groups,
-        producers=config.cla_sharing.producer_layers,
-        ffn=config.ffn_hidden_size,
-        vocab=VOCAB,
-        eps=config.layernorm_epsilon,
-    )
+    assert_same_model_step(cla, stock, make_batch(seed=3))
 
 
 @pytest.mark.parametrize("heads", HEADS)
@@ -163,7 +145,9 @@ def test_mixed_pattern_matches_reference(single_rank, sharing, heads):
     batch = make_batch()
     loss, grads = loss_and_grads(model, batch)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-    ref_logits = reference_hybrid_logits(batch["tokens"], params, _ref_config(config), MIXED)
+    ref_logits = reference_hybrid_logits(
+        batch["tokens"], params, RefConfig.of(config, VOCAB), MIXED
+    )
     ref_loss = torch.nn.functional.cross_entropy(
         ref_logits.reshape(-1, VOCAB), batch["labels"].reshape(-1)
     )

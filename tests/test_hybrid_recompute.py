@@ -8,9 +8,15 @@ own hybrid recompute would reset it after every Mamba slot.
 import pytest
 import torch
 
-from megatron_cla import CLATransformerLayer
-from tests.helpers import assert_grads_equal, loss_and_grads, make_batch
+from tests.helpers import (
+    assert_grads_equal,
+    assert_same_step,
+    detach_the_handoff,
+    loss_and_grads,
+    make_batch,
+)
 from tests.hybrid_helpers import build_cla_hybrid, requires_hybrid, tiny_hybrid_config
+from tests.test_recompute import SELECTIVE, SHARINGS
 
 pytestmark = requires_hybrid
 
@@ -24,12 +30,7 @@ FULL = [
     ("block", 4),
     ("block", 14),
 ]
-SELECTIVE = [["core_attn"], ["mlp"], ["core_attn", "mlp"]]
-SHARINGS = {
-    "S2": dict(cla_share_factor=2),
-    "S3": dict(cla_share_factor=3),
-    "keep_ends": dict(cla_producer_layers=[1, 2, 4, 6]),
-}
+# SELECTIVE, SHARINGS: the GPT suite's (6 attention layers there and here)
 
 
 def _run(sharing, recompute, **extra):
@@ -42,36 +43,21 @@ def _run(sharing, recompute, **extra):
 @pytest.mark.parametrize("method,chunk", FULL)
 @pytest.mark.parametrize("sharing", SHARINGS)
 def test_full_recompute_is_bitwise(single_rank, sharing, method, chunk):
-    base_loss, base = _run(sharing, {})
-    loss, grads = _run(
-        sharing,
-        dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=chunk),
-    )
-    assert loss.item() == base_loss.item()
-    assert_grads_equal(grads, base)
+    full = dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=chunk)
+    assert_same_step(_run(sharing, full), _run(sharing, {}))
 
 
 @pytest.mark.parametrize("modules", SELECTIVE)
 def test_selective_recompute_is_bitwise(single_rank, modules):
     extra = dict(add_bias_linear=False)  # Megatron's local MLP recompute needs unbiased linears
-    base_loss, base = _run("S2", {}, **extra)
-    loss, grads = _run(
-        "S2", dict(recompute_granularity="selective", recompute_modules=modules), **extra
-    )
-    assert loss.item() == base_loss.item()
-    assert_grads_equal(grads, base)
+    selective = dict(recompute_granularity="selective", recompute_modules=modules)
+    assert_same_step(_run("S2", selective, **extra), _run("S2", {}, **extra))
 
 
 def test_full_recompute_with_dropout_replays_masks(single_rank):
     extra = dict(hidden_dropout=0.1, attention_dropout=0.1)
-    base_loss, base = _run("S3", {}, **extra)
-    loss, grads = _run(
-        "S3",
-        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3),
-        **extra,
-    )
-    assert loss.item() == base_loss.item()
-    assert_grads_equal(grads, base)
+    full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3)
+    assert_same_step(_run("S3", full, **extra), _run("S3", {}, **extra))
 
 
 def test_eval_forward_equals_training_forward(single_rank):
@@ -89,14 +75,7 @@ def test_comparison_detects_a_lost_gradient(single_rank, monkeypatch):
     """The bitwise check has teeth here too: a hand-off that drops the consumer -> producer
     gradient across the MLP/Mamba slots must be caught."""
     base_loss, base = _run("S2", {})
-    original = CLATransformerLayer._forward_attention
-
-    def detached_handoff(self, hidden_states, attention_mask=None, context=None, *a, **kw):
-        if isinstance(context, torch.Tensor):
-            context = context.detach()
-        return original(self, hidden_states, attention_mask, context, *a, **kw)
-
-    monkeypatch.setattr(CLATransformerLayer, "_forward_attention", detached_handoff)
+    detach_the_handoff(monkeypatch)
     loss, grads = _run("S2", {})
     assert loss.item() == base_loss.item()
     with pytest.raises(AssertionError, match="linear_qkv"):

@@ -19,7 +19,7 @@ from megatron_cla._compat import transformer_engine_available
 from megatron_cla.layer import ENV_PRODUCER_LAYERS, ENV_SHARE_FACTOR
 from tests.helpers import (
     TINY_SETTINGS,
-    assert_grads_equal,
+    assert_same_step,
     build_cla_gpt,
     build_gpt,
     loss_and_grads,
@@ -65,10 +65,9 @@ def test_pretrain_gpt_callable_spec_builds_the_block_from_the_model_config(singl
     via_callable = build_gpt(TransformerConfig(**PLAIN), spec)
     via_block = build_cla_gpt(tiny_config(cla_share_factor=2))
     assert _consumers(via_callable) == _consumers(via_block) == [2, 4, 6]
-    loss_a, grads_a = loss_and_grads(via_callable, make_batch())
-    loss_b, grads_b = loss_and_grads(via_block, make_batch())
-    assert loss_a.item() == loss_b.item()
-    assert_grads_equal(grads_a, grads_b)
+    assert_same_step(
+        loss_and_grads(via_callable, make_batch()), loss_and_grads(via_block, make_batch())
+    )
 
 
 def test_pretrain_gpt_callable_spec_honours_mixed_moe_layers(single_rank, monkeypatch):
@@ -90,10 +89,7 @@ def test_pretrain_gpt_spec_matches_block_spec_model(single_rank):
     via_block = build_cla_gpt(tiny_config(cla_share_factor=2))
     assert _consumers(via_spec) == _consumers(via_block) == [2, 4, 6]
     batch = make_batch()
-    loss_a, grads_a = loss_and_grads(via_spec, batch)
-    loss_b, grads_b = loss_and_grads(via_block, batch)
-    assert loss_a.item() == loss_b.item()
-    assert_grads_equal(grads_a, grads_b)
+    assert_same_step(loss_and_grads(via_spec, batch), loss_and_grads(via_block, batch))
 
 
 def test_pretrain_gpt_spec_follows_config_flags(single_rank):

@@ -1,12 +1,12 @@
 """Activation recomputation must not change CLA's loss or any gradient (bitwise)."""
 
 import pytest
-import torch
 
-from megatron_cla import CLATransformerLayer
 from tests.helpers import (
     assert_grads_equal,
+    assert_same_step,
     build_cla_gpt,
+    detach_the_handoff,
     loss_and_grads,
     make_batch,
     tiny_config,
@@ -41,13 +41,8 @@ def _run(sharing, recompute, **extra):
 @pytest.mark.parametrize("method,chunk", FULL)
 @pytest.mark.parametrize("sharing", SHARINGS)
 def test_full_recompute_is_bitwise(single_rank, sharing, method, chunk):
-    base_loss, base = _run(sharing, {})
-    loss, grads = _run(
-        sharing,
-        dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=chunk),
-    )
-    assert loss.item() == base_loss.item()
-    assert_grads_equal(grads, base)
+    full = dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=chunk)
+    assert_same_step(_run(sharing, full), _run(sharing, {}))
 
 
 @pytest.mark.parametrize("modules", SELECTIVE)
@@ -55,38 +50,21 @@ def test_full_recompute_is_bitwise(single_rank, sharing, method, chunk):
 def test_selective_recompute_is_bitwise(single_rank, sharing, modules):
     # Megatron's local MLP recompute hangs with biased linears without TE (a Megatron limitation).
     extra = dict(add_bias_linear=False)
-    base_loss, base = _run(sharing, {}, **extra)
-    loss, grads = _run(
-        sharing, dict(recompute_granularity="selective", recompute_modules=modules), **extra
-    )
-    assert loss.item() == base_loss.item()
-    assert_grads_equal(grads, base)
+    selective = dict(recompute_granularity="selective", recompute_modules=modules)
+    assert_same_step(_run(sharing, selective, **extra), _run(sharing, {}, **extra))
 
 
 def test_full_recompute_with_dropout_replays_masks(single_rank):
     extra = dict(hidden_dropout=0.1, attention_dropout=0.1)
-    base_loss, base = _run("S2", {}, **extra)
-    loss, grads = _run(
-        "S2",
-        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3),
-        **extra,
-    )
-    assert loss.item() == base_loss.item()
-    assert_grads_equal(grads, base)
+    full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3)
+    assert_same_step(_run("S2", full, **extra), _run("S2", {}, **extra))
 
 
 def test_comparison_detects_a_lost_gradient(single_rank, monkeypatch):
     """The bitwise check has teeth: a hand-off that drops the consumer->producer gradient (what a
     side channel does across checkpoint chunks) must be caught."""
     base_loss, base = _run("S2", {})
-    original = CLATransformerLayer._forward_attention
-
-    def detached_handoff(self, hidden_states, attention_mask=None, context=None, *a, **kw):
-        if isinstance(context, torch.Tensor):
-            context = context.detach()
-        return original(self, hidden_states, attention_mask, context, *a, **kw)
-
-    monkeypatch.setattr(CLATransformerLayer, "_forward_attention", detached_handoff)
+    detach_the_handoff(monkeypatch)
     loss, grads = _run("S2", {})
     assert loss.item() == base_loss.item()  # the forward looks fine ...
     with pytest.raises(AssertionError, match="linear_qkv"):  # ... the producer's grads are wrong

@@ -15,29 +15,13 @@ SHARINGS = {
 HEADS = {"MQA": 1, "GQA": 2, "MHA": 4}
 
 
-def _ref_config(config, gated: bool) -> RefConfig:
-    return RefConfig(
-        num_layers=config.num_layers,
-        hidden=config.hidden_size,
-        heads=config.num_attention_heads,
-        groups=config.num_query_groups,
-        producers=config.cla_sharing.producer_layers,
-        ffn=config.ffn_hidden_size,
-        vocab=VOCAB,
-        gated=gated,
-        rms_norm=config.normalization == "RMSNorm",
-        qk_norm=config.qk_layernorm,
-        eps=config.layernorm_epsilon,
-    )
-
-
 def _compare(config, gated=False):
     model = build_cla_gpt(config)
     batch = make_batch()
     loss, grads = loss_and_grads(model, batch)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
     ref_loss, ref_logits = reference_loss(
-        batch["tokens"], batch["labels"], params, _ref_config(config, gated)
+        batch["tokens"], batch["labels"], params, RefConfig.of(config, VOCAB, gated)
     )
     ref_loss.backward()
     with torch.no_grad():
