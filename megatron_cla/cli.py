@@ -62,7 +62,9 @@ def quiet_library_startup(verbose: bool = False) -> None:
     for name, start in QUIET_RECORDS.items():
         logging.getLogger(name).addFilter(_DropRecord(start))
     inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
-    os.environ["PYTHONWARNINGS"] = ",".join(inherited + [f"ignore:{n}" for n in NOTICES])
+    # -W entries are comma-separated and match the start of a message: cut at the first comma
+    ours = [f"ignore:{n.split(',')[0]}" for n in NOTICES]
+    os.environ["PYTHONWARNINGS"] = ",".join(inherited + ours)
     os.environ.setdefault("TORCH_LOGS", "-torch")  # torch's own loggers: errors only
 
 

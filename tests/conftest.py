@@ -17,6 +17,11 @@ else:  # bitwise comparisons need deterministic kernels (embedding backward, cuB
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped on machines without a GPU")
     config.addinivalue_line("markers", "distributed: spawns several ranks")
+    config.addinivalue_line(
+        "markers",
+        "version_independent: touches no megatron-core code, so CI runs it once (on the newest "
+        "megatron-core) and its megatron-core 0.16.1 run deselects it",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -26,6 +31,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pp2_gpt_run(tmp_path_factory):
+    """A tiny CLA2 launcher run trained for 16 steps on 2 pipeline stages (checkpoint at PP 2),
+    shared by the tests that serve and convert launcher checkpoints."""
+    from megatron_cla.testing import run_on_ranks
+    from tests.helpers import prepared_corpus_sample
+    from tests.pretrain_worker import pretrain_on_rank, tiny_overrides
+
+    root = tmp_path_factory.mktemp("pp2_gpt_run")
+    prepared_corpus_sample(root, 300, 512)
+    overrides = tiny_overrides(root / "run", root / "data", 16, "parallel.pipeline=2")
+    run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
+    return root / "run"
 
 
 @pytest.fixture

@@ -33,9 +33,11 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gpt_run(data_dir, tmp_path_factory) -> Path:
-    """A tiny CLA2 GPT run: 12 steps, checkpoints at 6 and 12."""
+    """A tiny GPT run without sharing (S = 1: Megatron's stacked checkpoint keys; the CLA2
+    per-layer keys come from ``pp2_gpt_run``): 12 steps, checkpoints at 6 and 12."""
     run = tmp_path_factory.mktemp("convert") / "gpt"
-    overrides = tiny_overrides(run, data_dir, 12, "checkpoint.save_interval=6")
+    extra = ("checkpoint.save_interval=6", "model.cla_share_factor=1")
+    overrides = tiny_overrides(run, data_dir, 12, *extra)
     run_on_ranks(pretrain_on_rank, 1, [*overrides, "logging.log_interval=1"], timeout=600)
     return run
 
@@ -71,7 +73,7 @@ def test_converted_model_gives_identical_logits(gpt_run, converted, single_rank)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hybrid_layer_pattern '*-*-*-*-'" in proc.stdout
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["model"]["arch"] == "hybrid" and config["model"]["cla_share_factor"] == 2
+    assert config["model"]["arch"] == "hybrid" and config["model"]["cla_share_factor"] == 1
     assert torch.equal(_logits(out), _logits(gpt_run))
 
 
@@ -90,17 +92,15 @@ def test_converted_run_continues_the_gpt_loss_curve(gpt_run, data_dir, tmp_path)
     assert [hybrid[s] for s in range(7, 13)] == [gpt[s] for s in range(7, 13)]
 
 
-@pytest.mark.distributed
-def test_pipelined_plain_gpt_run_converts_with_segments(data_dir, tmp_path, single_rank):
-    """A PP2 run without sharing (S = 1: Megatron's stacked checkpoint keys) becomes
-    `*-*-|*-*-` (its stages), with the same logits."""
-    run = tmp_path / "gpt_pp2"
-    overrides = tiny_overrides(run, data_dir, 4, "parallel.pipeline=2", "model.cla_share_factor=1")
-    run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
-    proc = _convert("--checkpoint", str(run), "--out", str(tmp_path / "hybrid"))
+def test_pipelined_cla_run_converts_with_segments(pp2_gpt_run, tmp_path, single_rank):
+    """A PP2 CLA2 run (per-layer checkpoint keys) becomes `*-*-|*-*-` (its two stages), with
+    the same logits."""
+    proc = _convert("--checkpoint", str(pp2_gpt_run), "--out", str(tmp_path / "hybrid"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hybrid_layer_pattern '*-*-|*-*-'" in proc.stdout
-    torch.testing.assert_close(_logits(tmp_path / "hybrid"), _logits(run), rtol=0, atol=0)
+    config = yaml.safe_load((tmp_path / "hybrid/config.yaml").read_text())
+    assert config["model"]["cla_share_factor"] == 2
+    assert torch.equal(_logits(tmp_path / "hybrid"), _logits(pp2_gpt_run))
 
 
 def test_bad_inputs_are_one_line_errors(gpt_run, converted, tmp_path):

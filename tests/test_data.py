@@ -126,6 +126,7 @@ def test_missing_prepared_data_is_explained(tmp_path):
     shutil.which("apt-get") is None or shutil.which("dpkg") is None,
     reason="rebuilding the corpus downloads Debian packages (needs apt-get, dpkg)",
 )
+@pytest.mark.version_independent
 def test_corpus_command_reproduces_the_embedded_corpus(tmp_path):
     out = tmp_path / "natural.jsonl.xz"
     proc = subprocess.run(

@@ -72,8 +72,6 @@ def test_hybrid_tp2pp2_save_loads_at_tp1pp1(hybrid_tp2pp2_checkpoint):
     directory, saved = hybrid_tp2pp2_checkpoint
     tp1pp1 = _last_stage(run_on_ranks(ckpt.load, 1, 1, 1, directory, "hybrid"))
     torch.testing.assert_close(tp1pp1, saved, rtol=1e-5, atol=1e-5)
-    tp1pp2 = _last_stage(run_on_ranks(ckpt.load, 2, 1, 2, directory, "hybrid"))
-    assert torch.equal(tp1pp1, tp1pp2)
     keys = run_on_ranks(ckpt.checkpoint_keys, 1, directory)[0]
     assert "decoder.layers.3.self_attention.linear_q.weight" in keys  # attention layer 2
     assert "decoder.layers.5.self_attention.linear_qkv.weight" in keys  # attention layer 3

@@ -25,13 +25,9 @@ NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
+def trained_run(pp2_gpt_run) -> Path:
     """A tiny CLA2 run trained for 16 steps on 2 pipeline stages (checkpoint at PP 2)."""
-    root = tmp_path_factory.mktemp("generate")
-    prepared_corpus_sample(root, 300, 512)
-    overrides = tiny_overrides(root / "run", root / "data", 16, "parallel.pipeline=2")
-    run_on_ranks(pretrain_on_rank, 2, overrides, timeout=600)
-    return root / "run"
+    return pp2_gpt_run
 
 
 @pytest.fixture(scope="module")
