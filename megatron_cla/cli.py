@@ -20,7 +20,7 @@ import sys
 import warnings
 from typing import Iterator
 
-__all__ = ["quiet_library_startup", "user_errors"]
+__all__ = ["quiet_library_startup", "quiet_transformers", "user_errors"]
 
 NOTICES = (
     "Apex is not installed",
@@ -31,6 +31,7 @@ NOTICES = (
     "full scope is deprecated",
     "torch.distributed is disabled, unavailable or uninitialized",
     "The argument order of load has been changed",
+    "Please use DTensor instead and we are deprecating ShardedTensor",
 )
 """Starts of the import-time warnings about optional accelerators that the commands hide."""
 
@@ -66,6 +67,15 @@ def quiet_library_startup(verbose: bool = False) -> None:
     ours = [f"ignore:{n.split(',')[0]}" for n in NOTICES]
     os.environ["PYTHONWARNINGS"] = ",".join(inherited + ours)
     os.environ.setdefault("TORCH_LOGS", "-torch")  # torch's own loggers: errors only
+
+
+def quiet_transformers(verbose: bool = False) -> None:
+    """transformers' and huggingface_hub's notices and progress bars off (errors stay); call it
+    before transformers is imported."""
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @contextlib.contextmanager

@@ -28,7 +28,14 @@ import torch.distributed as dist
 from megatron_cla.cli import quiet_library_startup, user_errors
 from megatron_cla.training.config import PretrainConfig, config_from_dict
 
-__all__ = ["GenerationSettings", "find_checkpoint", "serving_config", "generate", "main"]
+__all__ = [
+    "GenerationSettings",
+    "find_checkpoint",
+    "serving_config",
+    "run_tokenizer_path",
+    "generate",
+    "main",
+]
 
 
 @dataclasses.dataclass
@@ -113,15 +120,23 @@ def serving_config(
     return cfg
 
 
-def _tokenizer(cfg: PretrainConfig, override: Optional[Path]) -> Any:
-    from megatron_cla.data.tokenizer import load_tokenizer
-
+def run_tokenizer_path(cfg: PretrainConfig, override: Optional[Path] = None) -> Path:
+    """The SentencePiece model of a run: ``override``, else the data directory's, else
+    ``data.tokenizer`` (an imported run whose data is not prepared yet)."""
     path = override or Path(cfg.data.dir) / "tokenizer.model"
+    if override is None and not path.is_file() and cfg.data.tokenizer is not None:
+        path = Path(cfg.data.tokenizer)
     if not path.is_file():
         raise FileNotFoundError(
             f"no tokenizer at {path} (the run's data.dir); pass --tokenizer path/to/tokenizer.model"
         )
-    return load_tokenizer(path)
+    return path
+
+
+def _tokenizer(cfg: PretrainConfig, override: Optional[Path]) -> Any:
+    from megatron_cla.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(run_tokenizer_path(cfg, override))
 
 
 def generate(

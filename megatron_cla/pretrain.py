@@ -59,7 +59,8 @@ def _prepare_data(cfg: PretrainConfig) -> Path:
     if dist.get_rank() == 0 and not (directory / "manifest.json").is_file():
         inputs = [Path(p) for p in cfg.data.inputs] or [EMBEDDED_CORPUS]
         print(f"preparing data in {directory} from {[str(p) for p in inputs]}", flush=True)
-        prepare(inputs, directory, cfg.data.vocab_size, cfg.data.valid_percent)
+        tokenizer = None if cfg.data.tokenizer is None else Path(cfg.data.tokenizer)
+        prepare(inputs, directory, cfg.data.vocab_size, cfg.data.valid_percent, tokenizer)
     dist.barrier()
     return directory
 
@@ -160,8 +161,9 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     optimizer = build_optimizer(plan, chunks)
     connect_gradient_hooks(plan, optimizer)
     scheduler = build_scheduler(plan, optimizer)
-    state = TrainState()
+    state, weights_only = TrainState(), False
     if iteration is not None:
+        weights_only = checkpointer.is_weights_only(iteration)
         state = checkpointer.load(iteration, chunks, optimizer, scheduler)
     device = next(chunks[0].parameters()).device
     dp, dp_rank = plan.data_parallel, ps.get_data_parallel_rank()
@@ -187,6 +189,11 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
         f"{'GPU' if on_gpu else 'CPU'} | {'TE' if plan.use_transformer_engine else 'local'} spec"
         + (f" | FP8 {cfg.train.fp8} ({cfg.train.fp8_format})" if cfg.train.fp8 else "")
         + (f" | resumed from step {state.iteration}" if state.iteration else "")
+        + (
+            f" | model from {checkpointer.path(iteration)} (weights only: fresh optimizer)"
+            if weights_only
+            else ""
+        )
     )
     run = Run(
         plan, chunks, optimizer, scheduler, stream, eval_batches, checkpointer, reporter, state

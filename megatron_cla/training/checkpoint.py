@@ -42,6 +42,7 @@ __all__ = ["TrainState", "Checkpointer", "CorruptCheckpoint"]
 
 log = logging.getLogger(__name__)
 MARKER = "cla_complete.json"
+MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
 # Distributed-optimizer state in a layout any DP/TP/PP size can load (Megatron's default
 # "fully_sharded_model_space" uses flattened ranges that the torch_dist format cannot store).
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -147,12 +148,17 @@ class Checkpointer:
         """Directory of a complete checkpoint."""
         return self.directory / f"iter_{iteration:07d}"
 
+    def _megatron_lm_layout(self) -> bool:
+        """The directory holds Megatron-LM's checkpoints, not the launcher's."""
+        return (self.directory / MEGATRON_LM_TRACKER).is_file()
+
     def complete_iterations(self) -> list[int]:
         """Iterations with a complete checkpoint, oldest first (partial ones are reported)."""
         found = []
         for entry in sorted(self.directory.glob("iter_*")):
             if entry.suffix == ".partial" or not (entry / MARKER).is_file():
-                log.warning("ignoring %s: the save did not finish (no %s)", entry, MARKER)
+                if not self._megatron_lm_layout():
+                    log.warning("ignoring %s: the save did not finish (no %s)", entry, MARKER)
                 continue
             found.append(int(entry.name.split("_")[1]))
         return found
@@ -161,21 +167,33 @@ class Checkpointer:
         self, state: TrainState, chunks: list, optimizer: Any, scheduler: Any, config: dict
     ) -> Path:
         """Save on all ranks (collective); returns the final checkpoint directory."""
+        sharded = _model_state(chunks)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPTIMIZER_FORMAT)
+        sharded["rng_state"] = _rng_sharded_object(_rng_state())
+        sharded["scheduler"] = scheduler.state_dict()
+        return self._write(state, sharded, config)
+
+    def save_weights(self, state: TrainState, chunks: list, config: dict) -> Path:
+        """Save the model alone (no optimizer, scheduler or RNG state; collective). A run that
+        resumes from it starts at ``state`` with a fresh optimizer: fine-tuning an imported
+        model (``python -m megatron_cla.import_hf``)."""
+        return self._write(state, _model_state(chunks), config, weights_only=True)
+
+    def _write(
+        self, state: TrainState, sharded: dict, config: dict, weights_only: bool = False
+    ) -> Path:
         final = self.path(state.iteration)
         partial = final.with_name(final.name + ".partial")
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         dist.barrier()
-        sharded = _model_state(chunks)
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_OPTIMIZER_FORMAT)
-        sharded["rng_state"] = _rng_sharded_object(_rng_state())
         sharded.update(
-            scheduler=scheduler.state_dict(),
             iteration=state.iteration,
             consumed_samples=state.consumed_samples,
             layout=_layout(),
             config=config,
+            weights_only=weights_only,
         )
         dist_checkpointing.save(sharded, str(partial))
         dist.barrier()
@@ -214,6 +232,11 @@ class Checkpointer:
     def latest_complete(self) -> int:
         """The newest complete iteration; ``FileNotFoundError`` if there is none."""
         complete = self.complete_iterations()
+        if not complete and self._megatron_lm_layout():
+            raise FileNotFoundError(
+                f"{self.directory} holds Megatron-LM checkpoints ({MEGATRON_LM_TRACKER}), not "
+                f"the ones python -m megatron_cla.pretrain writes (iter_NNNNNNN/ with {MARKER})"
+            )
         if not complete:
             raise FileNotFoundError(
                 f"no complete checkpoint in {self.directory} (expected iter_NNNNNNN/ with "
@@ -238,11 +261,19 @@ class Checkpointer:
         loaded = dist_checkpointing.load(_model_state(chunks), path)
         _restore_models(loaded, chunks, path)
 
+    def is_weights_only(self, iteration: int) -> bool:
+        """True for a checkpoint written by :meth:`save_weights`."""
+        return bool(self.saved_run(iteration).get("weights_only", False))
+
     def load(self, iteration: int, chunks: list, optimizer: Any, scheduler: Any) -> TrainState:
-        """Restore a complete checkpoint into the (already built) run; collective."""
+        """Restore a complete checkpoint into the (already built) run; collective. A
+        weights-only checkpoint restores the model and leaves optimizer and scheduler fresh."""
         self.verify(iteration)
         path = str(self.path(iteration))
         common = dist_checkpointing.load_common_state_dict(path)
+        if common.get("weights_only", False):
+            self.load_weights(iteration, chunks)
+            return TrainState(common["iteration"], common["consumed_samples"])
         same_layout = common["layout"] == _layout()
         sharded = _model_state(chunks)
         sharded["optimizer"] = optimizer.sharded_state_dict(

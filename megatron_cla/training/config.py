@@ -166,6 +166,9 @@ class DataConfig:
     """JSONL/text files to prepare from when ``dir`` is missing; empty = embedded corpus."""
     vocab_size: int = 8000
     """Tokenizer vocabulary when preparing."""
+    tokenizer: Optional[str] = None
+    """A SentencePiece model to reuse when preparing (e.g. an imported model's) instead of
+    training one; ``dir`` then gets a copy of it."""
     valid_percent: float = 2.0
     """Share of documents held out for validation when preparing."""
     seed: int = 1234

@@ -1,0 +1,64 @@
+"""Import a Hugging Face CLA model as a launcher run: ``python -m megatron_cla.import_hf``.
+
+    python -m megatron_cla.import_hf --model hf/tiny_mqa_cla2 --out runs/imported
+
+Reads a directory ``python -m megatron_cla.export_hf`` wrote (or the same model saved by
+transformers) and writes a run directory (``config.yaml``, a weights-only checkpoint and the
+tokenizer) that ``python -m megatron_cla.pretrain --config OUT/config.yaml`` fine-tunes and
+``python -m megatron_cla.generate --checkpoint OUT`` serves; see
+:mod:`megatron_cla.serving.importer`. Needs ``pip install megatron-cla[hf]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from megatron_cla.cli import quiet_library_startup, quiet_transformers, user_errors
+
+__all__ = ["main"]
+
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_cla.import_hf", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
+    parser.add_argument("--out", type=Path, required=True, help="new run directory")
+    parser.add_argument("--name", default=None, help="run name (default: MODEL-imported)")
+    parser.add_argument("--verbose", action="store_true", help="show library warnings")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = _parse(argv)
+    quiet_library_startup(args.verbose)
+    quiet_transformers(args.verbose)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("WORLD_SIZE", 1)) != 1:
+        sys.exit("import_hf: run it as one process (not under torchrun)")
+    from megatron_cla.pretrain import init_distributed
+
+    try:
+        with user_errors("import_hf", ImportError, RuntimeError):
+            from megatron_cla.serving.importer import import_hf_model
+
+            init_distributed(on_gpu=False)
+            result = import_hf_model(args.model, args.out, args.name)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    model = result.config.model
+    print(f"wrote {result.checkpoint}: {result.config.name}, model.arch {model.arch}")
+    print(f"fine-tune: python -m megatron_cla.pretrain --config {args.out}/config.yaml")
+    print(f"generate:  python -m megatron_cla.generate --checkpoint {args.out} --prompt ...")
+
+
+if __name__ == "__main__":
+    main()

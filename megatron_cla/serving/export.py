@@ -1,0 +1,188 @@
+"""Export a launcher checkpoint as a Hugging Face model directory.
+
+The checkpoint (GPT or ``*-`` hybrid, any TP/PP it was saved at, TE or local spec) is loaded into
+a one-process model with the local spec, which resharding makes possible, and its parameters are
+mapped to ``MegatronCLAForCausalLM`` (:mod:`megatron_cla.serving.weights`). The directory gets:
+
+* ``config.json`` (``auto_map`` to the bundled model files, every architecture field, the
+  producer layers), ``generation_config.json`` (greedy; padded vocabulary rows suppressed);
+* ``model.safetensors``: consumers have query and output projections only;
+* ``configuration_megatron_cla.py`` / ``modeling_megatron_cla.py`` (need only transformers);
+* ``tokenizer.json`` and friends, checked to encode and decode as the run's SentencePiece model.
+
+Everything is written into a temporary sibling directory that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron_cla.serving.hf_config import attention_shape, check_exportable, hf_config_fields
+from megatron_cla.serving.weights import hf_tensors_from_megatron
+from megatron_cla.training.config import PretrainConfig
+
+__all__ = ["DTYPES", "ExportResult", "export_checkpoint", "megatron_parameters", "write_hf_model"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODEL_FILES = ("configuration_megatron_cla.py", "modeling_megatron_cla.py")
+_HF_DIR = Path(__file__).resolve().parent / "hf"
+
+
+@dataclass
+class ExportResult:
+    """What was exported."""
+
+    out: Path
+    """The Hugging Face model directory."""
+    checkpoint: Path
+    """The launcher checkpoint (``iter_NNNNNNN``) it came from."""
+    config: PretrainConfig
+    """The run's config."""
+    tensors: int
+    """Tensors in ``model.safetensors``."""
+    producers: list[int]
+    """0-based producer layers (the layers with a KV cache)."""
+
+
+def _empty_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty directory; choose a new one")
+
+
+def _our_run(checkpointer: Any, iteration: int) -> PretrainConfig:
+    from megatron_cla.training.config import config_from_dict
+
+    try:
+        saved = checkpointer.saved_run(iteration)
+    except Exception as err:  # not a dist checkpoint at all
+        raise ValueError(
+            f"{checkpointer.path(iteration)} is not a Megatron checkpoint: {err}"
+        ) from err
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise ValueError(
+            f"{checkpointer.path(iteration)} was not written by python -m megatron_cla.pretrain "
+            f"(no run config in it); export launcher checkpoints"
+        )
+    return config_from_dict(saved["config"])
+
+
+def _export_config(cfg: PretrainConfig) -> PretrainConfig:
+    """The run laid out on this one process in fp32 without FP8 (weights are only read)."""
+    from megatron_cla.generate import serving_config
+
+    cfg = serving_config(dataclasses.asdict(cfg), 1, "fp32")
+    cfg.train = dataclasses.replace(cfg.train, fp8=None)
+    return cfg
+
+
+def megatron_parameters(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
+    """The model's parameters on the CPU, named as ``GPTModel`` names them."""
+    from megatron_cla.hybrid.keys import gpt_key_for_hybrid_key
+    from megatron_cla.training.model import unwrap
+
+    params = {n: p.detach().cpu() for n, p in unwrap(model).named_parameters()}
+    if arch == "hybrid":
+        params = {gpt_key_for_hybrid_key(n): p for n, p in params.items()}
+    return params
+
+
+def write_hf_model(
+    out: Path, fields: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer: Path
+) -> None:
+    """Write a complete model directory into the (new, empty) directory ``out``."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from megatron_cla.serving.hf.configuration_megatron_cla import MegatronCLAConfig
+    from megatron_cla.serving.tokenizer import PROBES, check_same_encoding, write_hf_tokenizer
+
+    special = write_hf_tokenizer(tokenizer, out, fields["max_position_embeddings"])
+    config = MegatronCLAConfig(**fields, **special)
+    config.save_pretrained(str(out))
+    padded = list(range(config.tokenizer_vocab_size, config.vocab_size))
+    GenerationConfig(do_sample=False, suppress_tokens=padded or None, **special).save_pretrained(
+        str(out)
+    )
+    save_file(dict(sorted(tensors.items())), str(out / "model.safetensors"), {"format": "pt"})
+    for name in MODEL_FILES:
+        shutil.copyfile(_HF_DIR / name, out / name)
+    check_same_encoding(tokenizer, out, PROBES)
+
+
+def _load_parameters(cfg: PretrainConfig, checkpointer: Any, iteration: int) -> dict:
+    """Build the one-process model, load the checkpoint, return its GPT-named parameters."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_cla.training.model import build_model_chunk
+    from megatron_cla.training.plan import make_plan
+
+    plan = make_plan(cfg, 1, torch.cuda.is_available(), te_available=False)
+    vocab = checkpointer.saved_vocab_size(iteration)
+    ps.initialize_model_parallel(1, 1)
+    try:
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+        model = build_model_chunk(plan, vocab)
+        checkpointer.load_weights(iteration, [model])
+        return megatron_parameters(model, cfg.model.arch), plan
+    finally:
+        ps.destroy_model_parallel()
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    dtype: str = "fp32",
+    iteration: Optional[int] = None,
+    tokenizer: Optional[Path] = None,
+) -> ExportResult:
+    """Export a launcher checkpoint (run, ``checkpoints`` or ``iter_`` directory) to ``out``.
+    Needs a one-process world, which the caller has started."""
+    from megatron_cla.generate import find_checkpoint, run_tokenizer_path
+
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    _empty_out(out)
+    checkpointer, iteration = find_checkpoint(Path(checkpoint), iteration)
+    run_cfg = _our_run(checkpointer, iteration)
+    check_exportable(run_cfg.model)
+    cfg = _export_config(run_cfg)
+    tokenizer = run_tokenizer_path(cfg, tokenizer)
+    params, plan = _load_parameters(cfg, checkpointer, iteration)
+    tensors = hf_tensors_from_megatron(params, attention_shape(cfg.model))
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+    import sentencepiece as spm
+
+    fields = hf_config_fields(
+        run_cfg.model,
+        plan.transformer.ffn_hidden_size,
+        plan.transformer.cla_sharing,
+        vocab_rows=params["embedding.word_embeddings.weight"].shape[0],
+        tokenizer_vocab=spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size(),
+        dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
+    )
+    _write_atomically(out, fields, tensors, tokenizer)
+    return ExportResult(
+        out, checkpointer.path(iteration), run_cfg, len(tensors), fields["cla_producer_layers"]
+    )
+
+
+def _write_atomically(out: Path, fields: dict, tensors: dict, tokenizer: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)
+    try:
+        write_hf_model(staging, fields, tensors, tokenizer)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

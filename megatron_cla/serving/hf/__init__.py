@@ -1,0 +1,1 @@
+"""The transformers model files copied into every export (self-contained remote code)."""

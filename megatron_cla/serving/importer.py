@@ -1,0 +1,163 @@
+"""Import a ``MegatronCLAForCausalLM`` directory back as a launcher run.
+
+The output is a run directory like the one pretraining writes:
+
+* ``config.yaml``: the model from ``config.json`` (GPT, or the ``*-`` hybrid stack it was
+  exported from), default training settings, ``data.tokenizer`` = the model's tokenizer;
+* ``checkpoints/iter_0000000``: a weights-only checkpoint (no optimizer state);
+* ``tokenizer.model``: the SentencePiece model shipped in the export.
+
+``python -m megatron_cla.pretrain --config OUT/config.yaml`` then fine-tunes it (a fresh optimizer
+from step 0; any TP/PP: the checkpoint reshards) and ``python -m megatron_cla.generate
+--checkpoint OUT`` serves it. Everything is written into a temporary sibling directory that is
+renamed when complete; a directory whose tensors do not fit its ``config.json`` is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from megatron_cla.serving.hf_config import attention_shape, model_config_from_hf
+from megatron_cla.serving.weights import megatron_tensors_from_hf
+from megatron_cla.training.config import PretrainConfig
+
+__all__ = ["ImportResult", "import_hf_model", "read_hf_tensors", "imported_run_config"]
+
+
+@dataclass
+class ImportResult:
+    """What was imported."""
+
+    out: Path
+    """The run directory."""
+    checkpoint: Path
+    """Its weights-only checkpoint."""
+    config: PretrainConfig
+    """The run's config (also ``out/config.yaml``)."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent} has no {path.name}: not a Hugging Face model dir")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def read_hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards its index lists."""
+    from safetensors.torch import load_file
+
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if not index.is_file():
+        raise FileNotFoundError(f"{model_dir} has no model.safetensors (nor a sharded index)")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(_read_json(index)["weight_map"].values())):
+        if not (model_dir / shard).is_file():
+            raise FileNotFoundError(f"{model_dir} lacks the shard {shard} its index lists")
+        tensors.update(load_file(str(model_dir / shard)))
+    return tensors
+
+
+def imported_run_config(hf: dict, out: Path, name: str) -> PretrainConfig:
+    """The run config of an imported model living in ``out`` (an absolute path)."""
+    cfg = PretrainConfig(name=name, model=model_config_from_hf(hf))
+    cfg.data = dataclasses.replace(
+        cfg.data, dir=str(out / "data"), tokenizer=str(out / "tokenizer.model")
+    )
+    cfg.logging = dataclasses.replace(cfg.logging, run_dir=str(out))
+    return cfg
+
+
+def _check_vocab(hf: dict, tensors: dict[str, torch.Tensor]) -> int:
+    rows = int(hf["vocab_size"])
+    embedding = tensors.get("model.embed_tokens.weight")
+    if embedding is None:
+        raise ValueError("the Hugging Face model has no tensor model.embed_tokens.weight")
+    if embedding.shape[0] != rows:
+        raise ValueError(
+            f"model.embed_tokens.weight has {embedding.shape[0]} rows, config.json vocab_size "
+            f"{rows}: the tensors do not fit config.json"
+        )
+    return rows
+
+
+def _plan(cfg: PretrainConfig) -> Any:
+    """The validated one-process fp32 plan of the import (before anything is allocated)."""
+    from megatron_cla.training.plan import make_plan
+
+    plan_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
+    return make_plan(plan_cfg, 1, torch.cuda.is_available(), te_available=False)
+
+
+def _build_and_fill(cfg: PretrainConfig, plan: Any, tensors: dict, vocab: int) -> torch.nn.Module:
+    """The one-process fp32 model holding the HF weights."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_cla.hybrid.keys import gpt_key_for_hybrid_key
+    from megatron_cla.training.model import build_model_chunk, unwrap
+
+    model_parallel_cuda_manual_seed(cfg.train.seed)
+    model = build_model_chunk(plan, vocab)
+    params = dict(unwrap(model).named_parameters())
+    rename = gpt_key_for_hybrid_key if cfg.model.arch == "hybrid" else (lambda n: n)
+    expected = {rename(n): p.shape for n, p in params.items()}
+    values = megatron_tensors_from_hf(tensors, expected, attention_shape(cfg.model))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(values[rename(name)])
+    return model
+
+
+def import_hf_model(model_dir: Path, out: Path, name: Optional[str] = None) -> ImportResult:
+    """Import ``model_dir`` as the run directory ``out``. Needs a one-process world, which the
+    caller has started."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_cla.training.checkpoint import Checkpointer, TrainState
+
+    model_dir, out = Path(model_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty directory; choose a new one")
+    hf = _read_json(model_dir / "config.json")
+    cfg = imported_run_config(hf, out.resolve(), name or f"{model_dir.resolve().name}-imported")
+    spm_model = model_dir / "tokenizer.model"
+    if not spm_model.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no tokenizer.model (the SentencePiece model export_hf writes); "
+            f"the launcher's data pipeline needs it"
+        )
+    plan = _plan(cfg)
+    tensors = read_hf_tensors(model_dir)
+    vocab = _check_vocab(hf, tensors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)
+    ps.initialize_model_parallel(1, 1)
+    try:
+        model = _build_and_fill(cfg, plan, tensors, vocab)
+        checkpoints = Checkpointer(staging / "checkpoints")
+        checkpoints.save_weights(TrainState(), [model], dataclasses.asdict(cfg))
+        (staging / "config.yaml").write_text(
+            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+        )
+        shutil.copyfile(spm_model, staging / "tokenizer.model")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        ps.destroy_model_parallel()
+        shutil.rmtree(staging, ignore_errors=True)
+    return ImportResult(out, Checkpointer(out / "checkpoints").path(0), cfg)

@@ -1,0 +1,168 @@
+"""The launcher's SentencePiece tokenizer as Hugging Face tokenizer files.
+
+``AutoTokenizer.from_pretrained(DIR)`` must encode and decode exactly as the SentencePiece model
+the run was trained with, with no remote code. The tokenizers-library equivalent of a lossless
+SentencePiece BPE model (:func:`megatron_cla.data.tokenizer.train_sentencepiece`: identity
+normalisation, no dummy prefix, whitespace kept, byte fallback) is
+
+* normaliser: space -> ``▁`` (nothing else: the SentencePiece model normalises nothing else);
+* no pre-tokeniser (SentencePiece's BPE encoder does not split either; its training did, so no
+  piece crosses a word, script or digit boundary);
+* BPE over the same pieces, merges ranked by the merged piece's score (SentencePiece merges the
+  best-scoring piece first), byte fallback for characters without a piece;
+* decoder: ``▁`` -> space, byte pieces -> UTF-8, then concatenation;
+* the control pieces (pad, unk, bos, eos) are special tokens that text never produces
+  (``split_special_tokens``), as in SentencePiece, and no token is added around the text.
+
+Any other kind of SentencePiece model is refused, and every export checks the result against
+SentencePiece on a set of probe strings (:func:`check_same_encoding`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_hf_tokenizer", "check_same_encoding", "PROBES"]
+
+_SPACE = "\u2581"
+PROBES = [
+    "It is a truth universally acknowledged, that a single man in possession",
+    "  two  spaces,\ttabs\tand\nnew\n\nlines  ",
+    "Digits 1234567890 and 3.14159, dates 2026-12-02; prices $9.99.",
+    "Unicode: naïve café, Ærøskøbing, ß, Ωμέγα, Привет, 日本語, emoji 🙂🚀.",
+    "Specials as text: <s> </s> <pad> <unk> <0x41>",
+    "",
+    " ",
+    "▁ literal lower-one-eighth block",
+]
+
+
+def _spm(model_path: Path) -> Any:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(model_path))
+
+
+def _check_kind(model_path: Path) -> None:
+    """Refuse SentencePiece models whose behaviour the tokenizer.json below does not have."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    found = {
+        "model_type": pb.TrainerSpec.ModelType.Name(spec.model_type),
+        "normalization": norm.name,
+        "add_dummy_prefix": norm.add_dummy_prefix,
+        "remove_extra_whitespaces": norm.remove_extra_whitespaces,
+        "escape_whitespaces": norm.escape_whitespaces,
+        "byte_fallback": spec.byte_fallback,
+        "treat_whitespace_as_suffix": spec.treat_whitespace_as_suffix,
+    }
+    wanted = {
+        "model_type": "BPE",
+        "normalization": "identity",
+        "add_dummy_prefix": False,
+        "remove_extra_whitespaces": False,
+        "escape_whitespaces": True,
+        "byte_fallback": True,
+        "treat_whitespace_as_suffix": False,
+    }
+    differing = {k: v for k, v in found.items() if wanted[k] != v}
+    if differing:
+        raise ValueError(
+            f"{model_path} is not a lossless SentencePiece BPE model as megatron_cla trains "
+            f"them ({differing}, expected { ({k: wanted[k] for k in differing}) }); its exact "
+            f"Hugging Face equivalent cannot be written"
+        )
+
+
+def _vocab_and_merges(sp: Any) -> tuple[dict[str, int], list[tuple[str, str]], list[int]]:
+    """Pieces, BPE merges (best-scoring merged piece first) and the special (control) ids."""
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    special = [i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
+    mergeable = {
+        sp.id_to_piece(i): i
+        for i in range(sp.get_piece_size())
+        if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i))
+    }
+    ranked = []
+    for piece, piece_id in mergeable.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                score = sp.get_score(piece_id)
+                ranked.append((-score, piece_id, mergeable[left], mergeable[right], left, right))
+    ranked.sort()
+    return vocab, [(r[4], r[5]) for r in ranked], special
+
+
+def _tokenizer_json(model_path: Path) -> str:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    sp = _spm(model_path)
+    vocab, merges, special = _vocab_and_merges(sp)
+    unk = sp.id_to_piece(sp.unk_id())
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True)
+    )
+    tokenizer.normalizer = normalizers.Replace(" ", _SPACE)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tokenizer.add_special_tokens(
+        [AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in special]
+    )
+    tokenizer.encode_special_tokens = True
+    return tokenizer.to_str(pretty=True)
+
+
+def _special_tokens(sp: Any) -> dict[str, str]:
+    names = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id()}
+    names["pad_token"] = sp.pad_id()
+    return {name: sp.id_to_piece(i) for name, i in names.items() if i >= 0}
+
+
+def write_hf_tokenizer(model_path: Path, out: Path, max_length: int) -> dict[str, int]:
+    """Write ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and the
+    SentencePiece ``tokenizer.model`` itself into ``out``; returns the special ids
+    (``bos_token_id``, ``eos_token_id``, ``pad_token_id``) for the model config."""
+    _check_kind(model_path)
+    sp = _spm(model_path)
+    (out / "tokenizer.json").write_text(_tokenizer_json(model_path), encoding="utf-8")
+    specials = _special_tokens(sp)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        "padding_side": "left",
+        **specials,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, sort_keys=True))
+    (out / "tokenizer.model").write_bytes(model_path.read_bytes())
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: v for k, v in ids.items() if v >= 0}
+
+
+def check_same_encoding(model_path: Path, hf_dir: Path, texts: list[str]) -> None:
+    """Raise ``ValueError`` if ``AutoTokenizer.from_pretrained(hf_dir)`` encodes or decodes any
+    of ``texts`` differently from the SentencePiece model."""
+    from transformers import AutoTokenizer
+
+    sp = _spm(model_path)
+    hf = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False)
+    for text in texts:
+        ids = sp.encode(text)
+        got = hf.encode(text, add_special_tokens=False)
+        decoded = hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if got != ids or decoded != sp.decode(ids):
+            raise ValueError(
+                f"the Hugging Face tokenizer differs from {model_path} on {text[:60]!r}: "
+                f"ids {got[:12]} vs {ids[:12]}, text {decoded[:40]!r} vs {sp.decode(ids)[:40]!r}"
+            )

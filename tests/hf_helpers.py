@@ -1,0 +1,100 @@
+"""Helpers of the Hugging Face export/import tests: launcher checkpoints with random weights for
+any model variant, and the Megatron logits they give."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_cla.testing.distributed import init_process_group_once, model_parallel
+from megatron_cla.training.config import PretrainConfig, load_config
+
+BASE = (
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=1",
+    "model.seq_length=64",
+    "train.precision=fp32",
+    "train.micro_batch_size=1",
+    "train.global_batch_size=1",
+)
+
+
+def variant_config(run_dir: Path, data_dir: Path, *overrides: str) -> PretrainConfig:
+    """The tiny config of a run in ``run_dir`` whose tokenizer lives in ``data_dir``."""
+    return load_config(
+        None, [*BASE, f"logging.run_dir={run_dir}", f"data.dir={data_dir}", *overrides]
+    )
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Weights large enough for peaked logits, norms away from 1 (so the q/k-norm vs RoPE order
+    and the norm weights' mapping both show in the logits)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name:
+                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
+            else:
+                param.copy_(0.08 * noise)
+
+
+def megatron_model(cfg: PretrainConfig, vocab: int, seed: int = 3) -> torch.nn.Module:
+    """The one-process fp32 model of ``cfg`` with random weights (call in a parallel state)."""
+    from megatron_cla.generate import serving_config
+    from megatron_cla.training.model import build_model_chunk
+    from megatron_cla.training.plan import make_plan
+
+    plan = make_plan(serving_config(asdict(cfg), 1, "fp32"), 1, on_gpu=False)
+    model = build_model_chunk(plan, vocab).eval()
+    _randomise(model, seed)
+    return model
+
+
+def write_random_checkpoint(cfg: PretrainConfig, vocab: int, seed: int = 3) -> torch.Tensor:
+    """Save a weights-only launcher checkpoint of ``cfg`` with random weights into its run
+    directory; returns the Megatron logits of :func:`probe_tokens`."""
+    from megatron_cla.training.checkpoint import Checkpointer, TrainState
+
+    init_process_group_once()
+    with model_parallel():
+        model = megatron_model(cfg, vocab, seed)
+        checkpoints = Checkpointer(Path(cfg.logging.run_dir) / "checkpoints")
+        checkpoints.save_weights(TrainState(7, 56), [model], asdict(cfg))
+        return megatron_logits(model, probe_tokens(vocab))
+
+
+def probe_tokens(vocab: int, length: int = 40) -> torch.Tensor:
+    return (torch.arange(length) * 37 + 5).remainder(min(vocab, 500))[None]
+
+
+def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(tokens.shape[1])[None]
+    with torch.no_grad():
+        return model(tokens, positions, None).float()
+
+
+def load_hf(directory: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), trust_remote_code=True, dtype=torch.float32
+    )
+    return model.eval()
+
+
+def cache_bytes(cache: Any) -> list[int]:
+    """Bytes of K and V held by every layer of a transformers cache."""
+    sizes = []
+    for layer in cache.layers:
+        tensors = [getattr(layer, name, None) for name in ("keys", "values")]
+        sizes.append(sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)))
+    return sizes
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
