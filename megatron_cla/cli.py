@@ -32,6 +32,7 @@ NOTICES = (
     "torch.distributed is disabled, unavailable or uninitialized",
     "The argument order of load has been changed",
     "Please use DTensor instead and we are deprecating ShardedTensor",
+    "`load_state_dict` is deprecated and will be removed",  # megatron-core 0.16.1's loader
 )
 """Starts of the import-time warnings about optional accelerators that the commands hide."""
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_cla.serving.hf_config import attention_shape, check_exportable, hf_config_fields
-from megatron_cla.serving.weights import hf_tensors_from_megatron
+from megatron_cla.serving.weights import gpt_parameter_name, hf_tensors_from_megatron
 from megatron_cla.training.config import PretrainConfig
 
 __all__ = ["DTYPES", "ExportResult", "export_checkpoint", "megatron_parameters", "write_hf_model"]
@@ -84,13 +84,10 @@ def _export_config(cfg: PretrainConfig) -> PretrainConfig:
 
 def megatron_parameters(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
     """The model's parameters on the CPU, named as ``GPTModel`` names them."""
-    from megatron_cla.hybrid.keys import gpt_key_for_hybrid_key
     from megatron_cla.training.model import unwrap
 
-    params = {n: p.detach().cpu() for n, p in unwrap(model).named_parameters()}
-    if arch == "hybrid":
-        params = {gpt_key_for_hybrid_key(n): p for n, p in params.items()}
-    return params
+    rename = gpt_parameter_name(arch)
+    return {rename(n): p.detach().cpu() for n, p in unwrap(model).named_parameters()}
 
 
 def write_hf_model(

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from megatron_cla.serving.hf_config import attention_shape, model_config_from_hf
-from megatron_cla.serving.weights import megatron_tensors_from_hf
+from megatron_cla.serving.weights import gpt_parameter_name, megatron_tensors_from_hf
 from megatron_cla.training.config import PretrainConfig
 
 __all__ = ["ImportResult", "import_hf_model", "read_hf_tensors", "imported_run_config"]
@@ -106,13 +106,12 @@ def _build_and_fill(cfg: PretrainConfig, plan: Any, tensors: dict, vocab: int) -
     """The one-process fp32 model holding the HF weights."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_cla.hybrid.keys import gpt_key_for_hybrid_key
     from megatron_cla.training.model import build_model_chunk, unwrap
 
     model_parallel_cuda_manual_seed(cfg.train.seed)
     model = build_model_chunk(plan, vocab)
     params = dict(unwrap(model).named_parameters())
-    rename = gpt_key_for_hybrid_key if cfg.model.arch == "hybrid" else (lambda n: n)
+    rename = gpt_parameter_name(cfg.model.arch)
     expected = {rename(n): p.shape for n, p in params.items()}
     values = megatron_tensors_from_hf(tensors, expected, attention_shape(cfg.model))
     with torch.no_grad():

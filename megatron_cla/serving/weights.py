@@ -71,6 +71,17 @@ _QKV = "self_attention.linear_qkv.weight"
 _FC1 = "mlp.linear_fc1.weight"
 
 
+def gpt_parameter_name(arch: str) -> Callable[[str], str]:
+    """Megatron parameter name -> the ``GPTModel`` name this mapping speaks: the identity for
+    GPT, HybridModel's keys renamed for ``hybrid`` (imported only then: it needs megatron-core's
+    HybridModel, which 0.16.1 lacks)."""
+    if arch != "hybrid":
+        return lambda name: name
+    from megatron_cla.hybrid.keys import gpt_key_for_hybrid_key
+
+    return gpt_key_for_hybrid_key
+
+
 def _split_qkv(weight: torch.Tensor, shape: AttentionShape) -> list[torch.Tensor]:
     g, per_group, d = shape.num_groups, shape.num_heads // shape.num_groups, shape.head_dim
     grouped = weight.view(g, per_group + 2, d, weight.shape[-1])
