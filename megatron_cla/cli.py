@@ -20,7 +20,7 @@ import sys
 import warnings
 from typing import Iterator
 
-__all__ = ["quiet_library_startup", "quiet_transformers", "user_errors"]
+__all__ = ["one_process_command", "quiet_library_startup", "quiet_transformers", "user_errors"]
 
 NOTICES = (
     "Apex is not installed",
@@ -92,3 +92,25 @@ def user_errors(prog: str, *kinds: type[BaseException]) -> Iterator[None]:
         else:
             message = " ".join(str(err).split()) or type(err).__name__
         sys.exit(f"{prog}: {message}")
+
+
+@contextlib.contextmanager
+def one_process_command(prog: str, verbose: bool = False) -> Iterator[None]:
+    """The body of a one-process command (``export_hf``, ``import_hf``): a quiet start, one-line
+    errors (also for missing optional packages) and a one-rank CPU/gloo world, torn down after."""
+    quiet_library_startup(verbose)
+    quiet_transformers(verbose)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("WORLD_SIZE", 1)) != 1:
+        sys.exit(f"{prog}: run it as one process (not under torchrun)")
+    import torch.distributed as dist
+
+    from megatron_cla.pretrain import init_distributed
+
+    try:
+        with user_errors(prog, ImportError, RuntimeError):
+            init_distributed(on_gpu=False)
+            yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -13,15 +13,10 @@ megatron-cla[hf]``.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
-
-from megatron_cla.cli import quiet_library_startup, quiet_transformers, user_errors
+from megatron_cla.cli import one_process_command
 
 __all__ = ["main"]
 
@@ -45,24 +40,12 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = _parse(argv)
-    quiet_library_startup(args.verbose)
-    quiet_transformers(args.verbose)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if int(os.environ.get("WORLD_SIZE", 1)) != 1:
-        sys.exit("export_hf: run it as one process (not under torchrun)")
-    from megatron_cla.pretrain import init_distributed
+    with one_process_command("export_hf", args.verbose):
+        from megatron_cla.serving.export import export_checkpoint
 
-    try:
-        with user_errors("export_hf", ImportError, RuntimeError):
-            from megatron_cla.serving.export import export_checkpoint
-
-            init_distributed(on_gpu=False)
-            result = export_checkpoint(
-                args.checkpoint, args.out, args.dtype, args.iteration, args.tokenizer
-            )
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        result = export_checkpoint(
+            args.checkpoint, args.out, args.dtype, args.iteration, args.tokenizer
+        )
     print(
         f"wrote {result.out} from {result.checkpoint}: {result.tensors} tensors ({args.dtype}), "
         f"KV cache in layers {result.producers} of {result.config.name}"

@@ -12,15 +12,10 @@ tokenizer) that ``python -m megatron_cla.pretrain --config OUT/config.yaml`` fin
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
-import torch.distributed as dist
-
-from megatron_cla.cli import quiet_library_startup, quiet_transformers, user_errors
+from megatron_cla.cli import one_process_command
 
 __all__ = ["main"]
 
@@ -38,22 +33,10 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = _parse(argv)
-    quiet_library_startup(args.verbose)
-    quiet_transformers(args.verbose)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if int(os.environ.get("WORLD_SIZE", 1)) != 1:
-        sys.exit("import_hf: run it as one process (not under torchrun)")
-    from megatron_cla.pretrain import init_distributed
+    with one_process_command("import_hf", args.verbose):
+        from megatron_cla.serving.importer import import_hf_model
 
-    try:
-        with user_errors("import_hf", ImportError, RuntimeError):
-            from megatron_cla.serving.importer import import_hf_model
-
-            init_distributed(on_gpu=False)
-            result = import_hf_model(args.model, args.out, args.name)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        result = import_hf_model(args.model, args.out, args.name)
     model = result.config.model
     print(f"wrote {result.checkpoint}: {result.config.name}, model.arch {model.arch}")
     print(f"fine-tune: python -m megatron_cla.pretrain --config {args.out}/config.yaml")
