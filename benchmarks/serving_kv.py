@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def write_model(a: argparse.Namespace, share_factor: int, out: Path) -> Path:
     """A megatron-cla export (config, model files, safetensors) with fresh random weights."""
     import torch
 
-    from megatron_cla.serving.export import MODEL_FILES
+    from megatron_cla.serving.export import copy_model_files
     from megatron_cla.serving.hf.configuration_megatron_cla import MegatronCLAConfig
     from megatron_cla.serving.hf.modeling_megatron_cla import MegatronCLAForCausalLM
     from megatron_cla.serving.hf_config import AUTO_MAP
@@ -85,10 +84,7 @@ def write_model(a: argparse.Namespace, share_factor: int, out: Path) -> Path:
     config.auto_map = AUTO_MAP
     torch.manual_seed(0)
     MegatronCLAForCausalLM(config).save_pretrained(str(out))
-    for name in MODEL_FILES:
-        shutil.copyfile(
-            Path(sys.modules[MegatronCLAConfig.__module__].__file__).parent / name, out / name
-        )
+    copy_model_files(out)
     return out
 
 

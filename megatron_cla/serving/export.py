@@ -90,6 +90,12 @@ def megatron_parameters(model: torch.nn.Module, arch: str) -> dict[str, torch.Te
     return {rename(n): p.detach().cpu() for n, p in unwrap(model).named_parameters()}
 
 
+def copy_model_files(out: Path) -> None:
+    """Put the transformers model's two Python files (``auto_map``'s targets) into ``out``."""
+    for name in MODEL_FILES:
+        shutil.copyfile(_HF_DIR / name, out / name)
+
+
 def write_hf_model(
     out: Path, fields: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer: Path
 ) -> None:
@@ -108,8 +114,7 @@ def write_hf_model(
         str(out)
     )
     save_file(dict(sorted(tensors.items())), str(out / "model.safetensors"), {"format": "pt"})
-    for name in MODEL_FILES:
-        shutil.copyfile(_HF_DIR / name, out / name)
+    copy_model_files(out)
     check_same_encoding(tokenizer, out, PROBES)
 
 
