@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_cla.cli import quiet_library_startup  # noqa: E402
+from megatron_cla.cli.common import quiet_library_startup  # noqa: E402
 
 quiet_library_startup()  # before Megatron's import-time notices
 

@@ -205,7 +205,7 @@ def report(a: argparse.Namespace, result: dict) -> dict:
 
 
 def main() -> None:
-    from megatron_cla.cli import quiet_transformers
+    from megatron_cla.cli.common import quiet_transformers
 
     quiet_transformers()
     a = _args()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch `python -m megatron_cla.pretrain` with torchrun on one node or many (c10d rendezvous).
+# Launch `megatron-cla pretrain` with torchrun on one node or many (c10d rendezvous).
 #
 # One node, all local GPUs (or 1 CPU process):
 #   launch/torchrun.sh configs/tiny_mqa_cla2.yaml [section.key=value ...]
@@ -33,4 +33,4 @@ DISTRIBUTED_ARGS=(
     --max-restarts 0
 )
 exec ${PYTHON:-python} -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" \
-    -m megatron_cla.pretrain --config "$CONFIG" "$@"
+    -m megatron_cla pretrain --config "$CONFIG" "$@"

@@ -4,14 +4,19 @@ In every group of S adjacent decoder layers only the first (the producer) comput
 the others (consumers) compute queries only and attend over the producer's K/V, so the KV cache
 shrinks by S. See README.md for usage.
 
-``GPTModel``: the layer and block specs below. ``HybridModel`` (megatron-core 0.19+):
-``get_cla_hybrid_stack_spec`` and the rest of :mod:`megatron_cla.hybrid`. Every name is imported
-on first use, so ``import megatron_cla`` does not import Megatron-Core (the command-line tools
-configure logging before Megatron's import-time notices).
+The package root is the library core: the sharing, the K/V hand-off, the attention and layer
+classes, their config, validation and specs for ``GPTModel`` (the names below), plus the names
+Megatron-LM's ``--spec`` takes (:mod:`megatron_cla.pretrain_gpt_spec`,
+:mod:`megatron_cla.pretrain_hybrid_spec`). Each area has its folder: ``HybridModel`` stacks in
+:mod:`megatron_cla.hybrid` (megatron-core 0.19+), Megatron-Core inference in
+:mod:`megatron_cla.inference`, the launcher's runs in :mod:`megatron_cla.training`, Hugging Face and
+vLLM in :mod:`megatron_cla.serving`; the ``megatron-cla`` command lives in :mod:`megatron_cla.cli`
+(README: "Package layout"). Every name below is imported on first use, so ``import megatron_cla``
+does not import Megatron-Core (the command configures logging before Megatron's import-time
+notices).
 """
 
-from importlib import import_module
-from typing import Any
+from megatron_cla._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -30,23 +35,10 @@ _EXPORTS = {
     "get_cla_decoder_layer_specs": "megatron_cla.specs",
     "get_gpt_layer_with_cla_local_spec": "megatron_cla.specs",
     "get_gpt_layer_with_cla_transformer_engine_spec": "megatron_cla.specs",
-    "CLAHybridStack": "megatron_cla.hybrid",
-    "get_cla_hybrid_stack_spec": "megatron_cla.hybrid",
-    "cla_hybrid_stack_spec_local": "megatron_cla.hybrid",
-    "cla_hybrid_stack_spec_te": "megatron_cla.hybrid",
 }
-"""Public name -> the module that defines it (HybridModel names need megatron-core 0.19+)."""
+"""Public name -> the core module that defines it."""
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'megatron_cla' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _EXPORTS)

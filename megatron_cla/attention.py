@@ -27,7 +27,7 @@ from megatron.core.transformer.torch_norm import L2Norm
 from megatron.core.utils import is_te_min_version
 
 from megatron_cla._compat import pg_collection_kwarg, submodule_name
-from megatron_cla.inference.paged_attention import PagedAttentionOnCPU
+from megatron_cla.paged_attention import PagedAttentionOnCPU
 
 __all__ = ["CLAProducerAttention", "CLAConsumerAttention", "CLAConsumerAttentionSubmodules"]
 

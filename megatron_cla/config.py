@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_cla.hybrid_layout import HybridLayout
 from megatron_cla.sharing import KVSharing
 from megatron_cla.validation import validate_cla_setup
-
-if TYPE_CHECKING:
-    from megatron_cla.hybrid.layout import HybridLayout
 
 __all__ = ["CLATransformerConfig"]
 
@@ -69,8 +67,6 @@ class CLATransformerConfig(TransformerConfig):
         """The parsed ``hybrid_layer_pattern`` (None for a GPT decoder)."""
         if self.hybrid_layer_pattern is None:
             return None
-        from megatron_cla.hybrid.layout import HybridLayout
-
         return HybridLayout.parse(self.hybrid_layer_pattern)
 
     @property

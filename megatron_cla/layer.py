@@ -20,7 +20,7 @@ No source at all is an error, not plain attention.
 
 In a hybrid stack (``HybridModel``) the stack passes the pattern (``cla_hybrid_layout``): the
 sharing then counts attention layers (the k-th ``*`` of the pattern is attention layer k, see
-:mod:`megatron_cla.hybrid.layout`) while ``layer_number`` stays Megatron's pattern position.
+:mod:`megatron_cla.hybrid_layout`) while ``layer_number`` stays Megatron's pattern position.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from megatron.core.transformer.identity_op import IdentityOp
@@ -40,12 +40,10 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_cla import _compat
+from megatron_cla.hybrid_layout import HybridLayout
 from megatron_cla.kv_handoff import pack_kv, unpack_kv
 from megatron_cla.sharing import KVSharing
 from megatron_cla.validation import validate_cla_setup
-
-if TYPE_CHECKING:
-    from megatron_cla.hybrid.layout import HybridLayout
 
 __all__ = [
     "CLATransformerLayer",

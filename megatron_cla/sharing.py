@@ -2,7 +2,7 @@
 
 Layer numbers count *attention* layers, globally and 1-based. In a GPT decoder every layer is an
 attention layer, so they are Megatron's layer numbers; in a hybrid stack (``HybridModel``) they
-count the ``*`` slots of the pattern in order (see :mod:`megatron_cla.hybrid.layout`). A *producer*
+count the ``*`` slots of the pattern in order (see :mod:`megatron_cla.hybrid_layout`). A *producer*
 computes its own keys and values;
 a *consumer* attends over the keys and values of the nearest producer before it. Layer 1 is always
 a producer. A *group* is a producer followed by its consumers.

@@ -11,16 +11,14 @@ consumers behaves exactly like Megatron's stock layer, whatever the features.
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_cla._compat import cuda_graph_captures_attention, cuda_graph_scope_field
+from megatron_cla.hybrid_layout import HybridLayout, check_hybrid_pipeline
 from megatron_cla.sharing import KVSharing
-
-if TYPE_CHECKING:
-    from megatron_cla.hybrid.layout import HybridLayout
 
 __all__ = [
     "validate_cla_setup",
@@ -220,8 +218,10 @@ def check_pipeline_split(config: Any, sharing: KVSharing) -> None:
                 if suggestion
                 else "fewer pipeline stages or virtual chunks than producer layers"
             )
+            chunk = config.virtual_pipeline_model_parallel_size
+            where = "" if chunk is None else f" (virtual chunk {vp_stage})"
             raise ValueError(
-                f"Pipeline stage {pp_rank} (virtual chunk {vp_stage}) would start at layer "
+                f"Pipeline stage {pp_rank}{where} would start at layer "
                 f"{layer}, a CLA consumer of layer {sharing.producer_of(layer)}; K/V are not "
                 f"sent between pipeline stages, so every stage must start on a producer. "
                 f"Groups: {sharing.describe()}. A layout that works: {fix}."
@@ -242,8 +242,6 @@ def validate_cla_setup(
         _check_features(config, sharing)
         check_pipeline_split(config, sharing)
         return
-    from megatron_cla.hybrid.layout import check_hybrid_pipeline
-
     _check_features(config, sharing, layout.layer_number_of)
     check_hybrid_pipeline(
         layout,

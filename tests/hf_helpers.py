@@ -45,9 +45,9 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 
 def megatron_model(cfg: PretrainConfig, vocab: int, seed: int = 3) -> torch.nn.Module:
     """The one-process fp32 model of ``cfg`` with random weights (call in a parallel state)."""
-    from megatron_cla.generate import serving_config
     from megatron_cla.training.model import build_model_chunk
     from megatron_cla.training.plan import make_plan
+    from megatron_cla.training.run_dir import serving_config
 
     plan = make_plan(serving_config(asdict(cfg), 1, "fp32"), 1, on_gpu=False)
     model = build_model_chunk(plan, vocab).eval()

@@ -47,15 +47,15 @@ def tiny_overrides(run_dir: Path, data_dir: Path, steps: int, *extra: str) -> li
 
 
 def pretrain_on_rank(overrides: list[str]) -> Any:
-    """``python -m megatron_cla.pretrain`` in a spawned rank (run_on_ranks)."""
-    from megatron_cla.pretrain import run_pretraining
+    """``megatron-cla pretrain`` in a spawned rank (run_on_ranks)."""
+    from megatron_cla.training.pretraining import run_pretraining
 
     return run_pretraining(load_config(None, overrides))
 
 
 def pretrain_file_on_rank(path: str, overrides: list[str]) -> Any:
-    """``python -m megatron_cla.pretrain --config PATH OVERRIDES`` in a spawned rank."""
-    from megatron_cla.pretrain import run_pretraining
+    """``megatron-cla pretrain --config PATH OVERRIDES`` in a spawned rank."""
+    from megatron_cla.training.pretraining import run_pretraining
 
     return run_pretraining(load_config(Path(path), overrides))
 

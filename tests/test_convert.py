@@ -1,11 +1,10 @@
-"""``python -m megatron_cla.convert gpt-to-hybrid``: a GPT CLA run becomes the equivalent `*-`
+"""``megatron-cla convert gpt-to-hybrid``: a GPT CLA run becomes the equivalent `*-`
 HybridModel run with identical logits, and training continues the GPT run's loss curve."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 import yaml
 
 from megatron_cla.testing import run_on_ranks
+from tests.commands import run_command
 from tests.helpers import prepared_corpus_sample
 from tests.hybrid_helpers import requires_hybrid
 from tests.pretrain_worker import (
@@ -23,7 +23,6 @@ from tests.pretrain_worker import (
 )
 
 pytestmark = requires_hybrid
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +42,14 @@ def gpt_run(data_dir, tmp_path_factory) -> Path:
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "megatron_cla.convert", "gpt-to-hybrid", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return run_command("convert", "gpt-to-hybrid", *args)
 
 
 def _logits(run: Path) -> torch.Tensor:
     """Logits of a fixed batch from the newest checkpoint of ``run``, loaded at TP 1."""
-    from megatron_cla.generate import find_checkpoint, serving_config
     from megatron_cla.training.model import build_model_chunk
     from megatron_cla.training.plan import make_plan
+    from megatron_cla.training.run_dir import find_checkpoint, serving_config
 
     checkpointer, iteration = find_checkpoint(run)
     plan = make_plan(serving_config(checkpointer.saved_run(iteration)["config"], 1), 1)

@@ -4,8 +4,6 @@ import hashlib
 import itertools
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl, write_jsonl
 from megatron_cla.data.datasets import DataFiles, build_gpt_datasets, fingerprint
 from megatron_cla.data.prepare import prepare, split_of
 from megatron_cla.data.tokenizer import load_tokenizer
+from tests.commands import run_command
 
 ODD_TEXTS = [
     "  leading and trailing spaces  ",
@@ -118,7 +117,7 @@ def test_gpt_datasets_and_content_keyed_cache(prepared, tmp_path):
 
 
 def test_missing_prepared_data_is_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m megatron_cla.data.prepare"):
+    with pytest.raises(FileNotFoundError, match="megatron-cla prepare-data"):
         DataFiles.from_dir(tmp_path)
 
 
@@ -129,11 +128,6 @@ def test_missing_prepared_data_is_explained(tmp_path):
 @pytest.mark.version_independent
 def test_corpus_command_reproduces_the_embedded_corpus(tmp_path):
     out = tmp_path / "natural.jsonl.xz"
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_cla.data.corpus", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_command("build-corpus", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes() == EMBEDDED_CORPUS.read_bytes()

@@ -1,4 +1,4 @@
-"""``python -m megatron_cla.generate`` end to end: a checkpoint written by the pretraining
+"""``megatron-cla generate`` end to end: a checkpoint written by the pretraining
 launcher (at PP 2) served at TP 1 and TP 2 through Megatron's dynamic engine, streamed, and
 checked against greedy decoding by full no-cache forwards of the same weights."""
 
@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_cla.data.corpus import EMBEDDED_CORPUS, read_jsonl
-from megatron_cla.generate import find_checkpoint, serving_config
 from megatron_cla.testing import run_on_ranks
+from megatron_cla.training.run_dir import find_checkpoint, serving_config
+from tests.commands import run_command
 from tests.helpers import greedy_reference, prepared_corpus_sample
 from tests.hybrid_helpers import requires_hybrid
 from tests.pretrain_worker import HYBRID_RUN, pretrain_on_rank, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["It is a truth universally acknowledged", "And God said"]
 NEW_TOKENS = 12
 
@@ -46,12 +45,7 @@ def trained_hybrid_run(tmp_path_factory) -> Path:
 def _generate(run: Path, out: Path, nproc: int = 1, *extra: str) -> subprocess.CompletedProcess:
     args = ["--checkpoint", str(run), "--max-new-tokens", str(NEW_TOKENS), "--json", str(out)]
     args += [a for p in PROMPTS for a in ("--prompt", p)] + list(extra)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_cla.generate", *args]
-    else:
-        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-        cmd = [sys.executable, *launcher, "-m", "megatron_cla.generate", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return run_command("generate", *args, nproc=nproc)
 
 
 def _records(proc: subprocess.CompletedProcess, out: Path) -> list[dict]:

@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
 from megatron_cla import cla_block_spec_local, cla_block_spec_te, cla_layer_spec_from_stock
 from megatron_cla._compat import fp8_recipe_support, transformer_engine_available
+from tests.commands import run_command
 from tests.gpu_models import (
     batch,
     build,
@@ -35,7 +34,6 @@ from tests.gpu_models import (
 from tests.helpers import assert_grads_equal, prepared_corpus_sample
 from tests.pretrain_worker import step_losses
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu
 
 
@@ -229,16 +227,9 @@ def corpus(tmp_path_factory) -> Path:
 def _launch(
     run_dir: Path, corpus: Path, *extra: str, ranks: int = 1
 ) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "megatron_cla.pretrain"]
-    if ranks > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}"]
-        launcher += ["-m", "megatron_cla.pretrain"]
     args = ["--config", "configs/tiny_mqa_cla2.yaml", *LAUNCH_RUN]
     args += [f"data.dir={corpus}", f"logging.run_dir={run_dir}", *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_command("pretrain", *args, nproc=ranks, env={"PYTHONUNBUFFERED": "1"})
 
 
 def _curve(run_dir: Path) -> list[float]:

@@ -1,4 +1,4 @@
-"""``python -m megatron_cla.export_hf`` / ``import_hf`` on a trained launcher run (CLA2, saved at
+"""``megatron-cla export-hf`` / ``import-hf`` on a trained launcher run (CLA2, saved at
 PP 2): the transformers model generates Megatron's greedy tokens, the import fine-tunes from the
 trained weights and serves the same tokens; bad inputs fail in one line, writing nothing."""
 
@@ -17,22 +17,17 @@ from megatron_cla.serving.importer import import_hf_model
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.training.checkpoint import Checkpointer
 from megatron_cla.training.config import ModelConfig
+from tests.commands import command_env, run_command
 from tests.hf_helpers import load_hf, relative_error
 from tests.pretrain_worker import pretrain_file_on_rank, step_losses
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["It is a truth universally acknowledged", "And God said"]
 NEW_TOKENS = 12
 
 
-def _command(module: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", f"megatron_cla.{module}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-
 def _megatron_tokens(run: Path, out: Path) -> list[list[int]]:
     args = ["--checkpoint", run, "--max-new-tokens", NEW_TOKENS, "--json", out]
-    proc = _command("generate", *args, *[a for p in PROMPTS for a in ("--prompt", p)])
+    proc = run_command("generate", *args, *[a for p in PROMPTS for a in ("--prompt", p)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [r["tokens"] for r in json.loads(out.read_text())]
 
@@ -40,7 +35,7 @@ def _megatron_tokens(run: Path, out: Path) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def exported(pp2_gpt_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export_hf") / "hf"
-    proc = _command("export_hf", "--checkpoint", pp2_gpt_run, "--out", out)
+    proc = run_command("export-hf", "--checkpoint", pp2_gpt_run, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(f"wrote {out} from {pp2_gpt_run}/checkpoints/iter_0000016")
     assert "KV cache in layers [0, 2]" in proc.stdout and not proc.stderr.strip()
@@ -48,10 +43,10 @@ def exported(pp2_gpt_run, tmp_path_factory) -> Path:
 
 
 def _run_logits(run: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from megatron_cla.generate import find_checkpoint, serving_config
     from megatron_cla.testing.distributed import init_process_group_once, model_parallel
     from megatron_cla.training.model import build_model_chunk
     from megatron_cla.training.plan import make_plan
+    from megatron_cla.training.run_dir import find_checkpoint, serving_config
 
     init_process_group_once()
     checkpointer, iteration = find_checkpoint(run)
@@ -63,10 +58,38 @@ def _run_logits(run: Path, tokens: torch.Tensor) -> torch.Tensor:
             return model(tokens, torch.arange(tokens.shape[1])[None], None).float()
 
 
-def test_exported_model_generates_megatrons_greedy_tokens(pp2_gpt_run, exported, tmp_path):
-    from transformers import AutoTokenizer
+TOKENIZER_LOADS = """
+import json, sys
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+plain = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
+auto = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(json.dumps([plain.encode(sys.argv[2]), auto.encode(sys.argv[2])]))
+"""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(exported))  # no remote code for the tokenizer
+
+def test_exported_files_load_quietly_with_their_permissions(exported):
+    """The tokenizer loads with no remote code (``PreTrainedTokenizerFast``), and through
+    ``AutoTokenizer`` with the model's ``trust_remote_code``: no prompt (stdin is closed), no
+    warning, the same ids. Every file is readable like the others (safetensors writes 0600)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_LOADS, str(exported), PROMPTS[0]],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=command_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    plain, auto = json.loads(proc.stdout)
+    assert plain == auto and len(plain) > 2
+    modes = {f.name: f.stat().st_mode & 0o777 for f in exported.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_exported_model_generates_megatrons_greedy_tokens(pp2_gpt_run, exported, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(exported))  # no remote code
     model = load_hf(exported)
     tokens = torch.tensor([tokenizer.encode(PROMPTS[0] * 3, add_special_tokens=False)])
     assert relative_error(model(tokens).logits, _run_logits(pp2_gpt_run, tokens)) < 1e-5
@@ -80,7 +103,7 @@ def test_exported_model_generates_megatrons_greedy_tokens(pp2_gpt_run, exported,
 
 def test_import_fine_tunes_and_serves(pp2_gpt_run, exported, tmp_path):
     out = tmp_path / "imported"
-    proc = _command("import_hf", "--model", exported, "--out", out)
+    proc = run_command("import-hf", "--model", exported, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(f"wrote {out}/checkpoints/iter_0000000: hf-imported")
     data = pp2_gpt_run.parent / "data"  # the run's prepared data, same tokenizer
@@ -102,11 +125,11 @@ def test_cli_errors_are_one_line_and_write_nothing(exported, tmp_path):
     megatron_lm = tmp_path / "megatron_lm_run"
     (megatron_lm / "iter_0000010").mkdir(parents=True)
     (megatron_lm / "latest_checkpointed_iteration.txt").write_text("10")
-    proc = _command("export_hf", "--checkpoint", megatron_lm, "--out", tmp_path / "out")
+    proc = run_command("export-hf", "--checkpoint", megatron_lm, "--out", tmp_path / "out")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"export_hf: {megatron_lm} holds Megatron-LM checkpoints (latest_checkpointed_"
-        f"iteration.txt), not the ones python -m megatron_cla.pretrain writes "
+        f"export-hf: {megatron_lm} holds Megatron-LM checkpoints (latest_checkpointed_"
+        f"iteration.txt), not the ones megatron-cla pretrain writes "
         f"(iter_NNNNNNN/ with cla_complete.json)"
     ]
     config = json.loads((exported / "config.json").read_text())
@@ -115,7 +138,7 @@ def test_cli_errors_are_one_line_and_write_nothing(exported, tmp_path):
     for f in exported.iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    proc = _command("import_hf", "--model", broken, "--out", tmp_path / "imported")
+    proc = run_command("import-hf", "--model", broken, "--out", tmp_path / "imported")
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "model_type='llama'; only 'megatron_cla' models" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "megatron_lm_run"]

@@ -87,7 +87,7 @@ class BridgeStyleHybridProvider(TransformerConfig):
 def test_bridge_style_callables(single_rank, call):
     """Bridge calls `hybrid_stack_spec(provider)` or `hybrid_stack_spec()`; the sharing and the
     pattern come from the provider."""
-    from megatron_cla import cla_hybrid_stack_spec_local
+    from megatron_cla.hybrid import cla_hybrid_stack_spec_local
 
     provider = BridgeStyleHybridProvider(**PLAIN)
     spec = cla_hybrid_stack_spec_local(provider) if call == "with provider" else None

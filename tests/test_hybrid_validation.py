@@ -51,7 +51,7 @@ INVALID_HYBRID = [
         "segment starts on consumer",
         "*-*-*-|*-*-*-",
         dict(cla_share_factor=2, **PP2),
-        r"Pipeline segment 1 \(pipeline rank 1, virtual chunk None\).*starts with attention "
+        r"Pipeline segment 1 \(pipeline rank 1\).*starts with attention "
         r"layer 4 \(pattern layer 7\), a CLA consumer of attention layer 3.*"
         r"A pattern that works: hybrid_layer_pattern='\*-\*-\*-\*\|-\*-\*-'",
     ),
@@ -66,7 +66,7 @@ INVALID_HYBRID = [
         "even split without |",
         "*-" * 6,
         dict(cla_share_factor=2, **PP2),
-        r"segment 1 \(pipeline rank 1, virtual chunk None\).*starts with attention layer 4",
+        r"segment 1 \(pipeline rank 1\).*starts with attention layer 4",
     ),
     (
         "VPP chunk",

@@ -164,5 +164,5 @@ def test_bridge_callable_validates_pipeline(single_rank):
     provider = BridgeStyleProvider(
         **PLAIN, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32, cla_share_factor=4
     )
-    with pytest.raises(ValueError, match="Pipeline stage 1 .* would start at layer 4"):
+    with pytest.raises(ValueError, match="Pipeline stage 1 would start at layer 4"):
         _bridge_call(provider, vp_stage=None)

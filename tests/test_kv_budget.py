@@ -4,15 +4,15 @@ per-token bytes are the paper's, and the command prints both models and writes t
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_cla._compat import hybrid_model_available
-from megatron_cla.kv_budget import GIB, no_cla_twin, parse_bytes, plan_budget
+from megatron_cla.inference.budget import GIB, no_cla_twin, parse_bytes, plan_budget
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.training.config import load_config
+from tests.commands import run_command
 from tests.hybrid_helpers import requires_hybrid
 from tests.inference_worker import allocated_paged_cache
 
@@ -105,8 +105,7 @@ def test_parse_bytes():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "megatron_cla.kv_budget", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return run_command("kv-budget", *args, timeout=300)
 
 
 def test_command_prints_both_models_and_writes_the_plot(tmp_path):
@@ -182,7 +181,7 @@ def _hybrid_context(max_requests):
 def test_mamba_state_sizing_follows_megatron(single_rank):
     """Megatron reserves one request's Mamba state per block when it sizes the buffer itself,
     and exactly ``max_requests`` states when told; the planner's block counts follow both."""
-    from megatron_cla.kv_budget import KVBudget
+    from megatron_cla.inference.budget import KVBudget
 
     ctx, state = _hybrid_context(None)
     buffer = int(BUFFER_GB * GIB)

@@ -21,6 +21,7 @@ from megatron_cla.training.checkpoint import Checkpointer, CorruptCheckpoint
 from megatron_cla.training.config import load_config
 from megatron_cla.training.model import resumed_vocab_size
 from megatron_cla.training.plan import make_plan
+from tests.commands import start_command
 from tests.helpers import prepared_corpus_sample
 from tests.hybrid_helpers import requires_hybrid
 from tests.pretrain_worker import HYBRID_RUN, pretrain_on_rank, step_losses, tiny_overrides
@@ -42,10 +43,7 @@ def odd_vocab_data_dir(tmp_path_factory) -> Path:
 
 
 def _launch(overrides: list[str], **kwargs) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "megatron_cla.pretrain", *overrides]
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, **kwargs
-    )
+    return start_command("pretrain", *overrides, **kwargs)
 
 
 def _run(overrides: list[str], timeout: float = 300) -> str:
@@ -93,7 +91,7 @@ def test_shipped_configs_are_valid(path, monkeypatch):
         (
             ["model.cla_share_factor=2", "model.num_layers=6", "parallel.pipeline=2"],
             2,
-            r"Pipeline stage 1 \(virtual chunk 0\) would start at layer 4",
+            r"Pipeline stage 1 would start at layer 4",
         ),
         (["model.cla_share_factor=0"], 1, r"cla_share_factor must be >= 1"),
         (["model.num_query_groups=3"], 1, r"must be a multiple of num_query_groups=3"),

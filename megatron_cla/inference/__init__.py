@@ -4,20 +4,27 @@
   consumers never allocate and attend over their producer's cached K/V (handed over in the
   layer's ``context``), so the cache holds ``#producers`` layers.
 * Dynamic batching (paged): :class:`CLADynamicInferenceContext` sizes the paged buffer for the
-  producers; consumers read their producer's slot.
+  producers; consumers read their producer's slot (:mod:`megatron_cla.inference.context`).
+* :mod:`~megatron_cla.inference.engines`: Megatron's engines built with those caches;
+  :mod:`~megatron_cla.inference.generation`: a launcher checkpoint served by the dynamic engine
+  (``megatron-cla generate``); :mod:`~megatron_cla.inference.budget`: the paged cache's size and
+  concurrency on a GPU (``megatron-cla kv-budget``).
+
+Names are imported on first use, so importing a submodule does not import Megatron-Core.
 """
 
-from megatron_cla.inference.context import (
-    CLADynamicInferenceContext,
-    local_producer_layers,
-    model_sharing,
-)
-from megatron_cla.inference.paged_attention import PagedAttentionOnCPU, paged_attention
+from megatron_cla._lazy import lazy_names
 
-__all__ = [
-    "CLADynamicInferenceContext",
-    "PagedAttentionOnCPU",
-    "local_producer_layers",
-    "model_sharing",
-    "paged_attention",
-]
+_EXPORTS = {
+    "CLADynamicInferenceContext": "megatron_cla.inference.context",
+    "local_producer_layers": "megatron_cla.inference.context",
+    "model_sharing": "megatron_cla.inference.context",
+    "PagedAttentionOnCPU": "megatron_cla.paged_attention",
+    "paged_attention": "megatron_cla.paged_attention",
+}
+"""Public name -> the module that defines it."""
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_names(__name__, globals(), _EXPORTS)

@@ -5,6 +5,6 @@
 * :mod:`megatron_cla.serving.hf_config` - launcher config <-> Hugging Face ``config.json``;
 * :mod:`megatron_cla.serving.tokenizer` - the SentencePiece tokenizer as a ``tokenizer.json``;
 * :mod:`megatron_cla.serving.export` / :mod:`megatron_cla.serving.importer` - checkpoints out
-  and back in (``python -m megatron_cla.export_hf`` / ``python -m megatron_cla.import_hf``);
+  and back in (``megatron-cla export-hf`` / ``megatron-cla import-hf``);
 * :mod:`megatron_cla.serving.vllm` - the vLLM plugin (consumers alias their producer's cache).
 """

@@ -67,7 +67,7 @@ def _our_run(checkpointer: Any, iteration: int) -> PretrainConfig:
         ) from err
     if not isinstance(saved, dict) or "config" not in saved:
         raise ValueError(
-            f"{checkpointer.path(iteration)} was not written by python -m megatron_cla.pretrain "
+            f"{checkpointer.path(iteration)} was not written by megatron-cla pretrain "
             f"(no run config in it); export launcher checkpoints"
         )
     return config_from_dict(saved["config"])
@@ -75,7 +75,7 @@ def _our_run(checkpointer: Any, iteration: int) -> PretrainConfig:
 
 def _export_config(cfg: PretrainConfig) -> PretrainConfig:
     """The run laid out on this one process in fp32 without FP8 (weights are only read)."""
-    from megatron_cla.generate import serving_config
+    from megatron_cla.training.run_dir import serving_config
 
     cfg = serving_config(dataclasses.asdict(cfg), 1, "fp32")
     cfg.train = dataclasses.replace(cfg.train, fp8=None)
@@ -113,7 +113,9 @@ def write_hf_model(
     GenerationConfig(do_sample=False, suppress_tokens=padded or None, **special).save_pretrained(
         str(out)
     )
-    save_file(dict(sorted(tensors.items())), str(out / "model.safetensors"), {"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file(dict(sorted(tensors.items())), str(weights), {"format": "pt"})
+    weights.chmod((out / "config.json").stat().st_mode & 0o777)  # safetensors writes it 0600
     copy_model_files(out)
     check_same_encoding(tokenizer, out, PROBES)
 
@@ -147,7 +149,7 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export a launcher checkpoint (run, ``checkpoints`` or ``iter_`` directory) to ``out``.
     Needs a one-process world, which the caller has started."""
-    from megatron_cla.generate import find_checkpoint, run_tokenizer_path
+    from megatron_cla.training.run_dir import find_checkpoint, run_tokenizer_path
 
     out = Path(out)
     if dtype not in DTYPES:

@@ -139,7 +139,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: Optional[int] = None) -
     _require(
         model_type == MODEL_TYPE,
         f"model_type={model_type!r}; only {MODEL_TYPE!r} models (written by "
-        f"python -m megatron_cla.export_hf) can be imported",
+        f"megatron-cla export-hf) can be imported",
     )
     norm = {v: k for k, v in _NORMS.items()}.get(hf.get("norm_type", "rmsnorm"))
     _require(norm is not None, f"norm_type={hf.get('norm_type')!r} is not rmsnorm/layernorm")

@@ -7,8 +7,8 @@ The output is a run directory like the one pretraining writes:
 * ``checkpoints/iter_0000000``: a weights-only checkpoint (no optimizer state);
 * ``tokenizer.model``: the SentencePiece model shipped in the export.
 
-``python -m megatron_cla.pretrain --config OUT/config.yaml`` then fine-tunes it (a fresh optimizer
-from step 0; any TP/PP: the checkpoint reshards) and ``python -m megatron_cla.generate
+``megatron-cla pretrain --config OUT/config.yaml`` then fine-tunes it (a fresh optimizer
+from step 0; any TP/PP: the checkpoint reshards) and ``megatron-cla generate
 --checkpoint OUT`` serves it. Everything is written into a temporary sibling directory that is
 renamed when complete; a directory whose tensors do not fit its ``config.json`` is refused.
 """

@@ -1,9 +1,12 @@
 """The launcher's SentencePiece tokenizer as Hugging Face tokenizer files.
 
-``AutoTokenizer.from_pretrained(DIR)`` must encode and decode exactly as the SentencePiece model
-the run was trained with, with no remote code. The tokenizers-library equivalent of a lossless
-SentencePiece BPE model (:func:`megatron_cla.data.tokenizer.train_sentencepiece`: identity
-normalisation, no dummy prefix, whitespace kept, byte fallback) is
+The files (``tokenizer_config.json`` names ``PreTrainedTokenizerFast``) must encode and decode
+exactly as the SentencePiece model the run was trained with, with no remote code:
+``PreTrainedTokenizerFast.from_pretrained(DIR)`` loads them as they are. (``AutoTokenizer`` reads
+the model's ``config.json`` first, whose ``auto_map`` names the model's code, so transformers asks
+for ``trust_remote_code=True`` there as it does for the model.) The tokenizers-library equivalent
+of a lossless SentencePiece BPE model (:func:`megatron_cla.data.tokenizer.train_sentencepiece`:
+identity normalisation, no dummy prefix, whitespace kept, byte fallback) is
 
 * normaliser: space -> ``▁`` (nothing else: the SentencePiece model normalises nothing else);
 * no pre-tokeniser (SentencePiece's BPE encoder does not split either; its training did, so no
@@ -151,15 +154,16 @@ def write_hf_tokenizer(model_path: Path, out: Path, max_length: int) -> dict[str
 
 
 def check_same_encoding(model_path: Path, hf_dir: Path, texts: list[str]) -> None:
-    """Raise ``ValueError`` if ``AutoTokenizer.from_pretrained(hf_dir)`` encodes or decodes any
-    of ``texts`` differently from the SentencePiece model."""
-    from transformers import AutoTokenizer
+    """Raise ``ValueError`` if the tokenizer files in ``hf_dir``, loaded as users load them
+    without remote code (``PreTrainedTokenizerFast.from_pretrained``), encode or decode any of
+    ``texts`` differently from the SentencePiece model."""
+    from transformers import PreTrainedTokenizerFast
 
     sp = _spm(model_path)
-    hf = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(hf_dir))
     for text in texts:
         ids = sp.encode(text)
-        got = hf.encode(text, add_special_tokens=False)
+        got = hf.encode(text, add_special_tokens=False, verbose=False)  # texts may be long
         decoded = hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if got != ids or decoded != sp.decode(ids):
             raise ValueError(

@@ -16,7 +16,7 @@ or, for several ranks, ``run_on_ranks(my_module.worker, 2, arg)``. The same test
 CUDA with NCCL, where :func:`enable_megatron_on_cpu` is not called.
 """
 
-from megatron_cla.testing.cpu import enable_megatron_on_cpu, is_megatron_on_cpu_enabled
+from megatron_cla.runtime.cpu import enable_megatron_on_cpu, is_megatron_on_cpu_enabled
 from megatron_cla.testing.distributed import (
     RankFailure,
     backend,

@@ -52,7 +52,7 @@ def _prepare_process(rank: int, local_rank: int) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
-        from megatron_cla.testing.cpu import enable_megatron_on_cpu
+        from megatron_cla.runtime.cpu import enable_megatron_on_cpu
 
         enable_megatron_on_cpu()
 

@@ -176,7 +176,7 @@ class Checkpointer:
     def save_weights(self, state: TrainState, chunks: list, config: dict) -> Path:
         """Save the model alone (no optimizer, scheduler or RNG state; collective). A run that
         resumes from it starts at ``state`` with a fresh optimizer: fine-tuning an imported
-        model (``python -m megatron_cla.import_hf``)."""
+        model (``megatron-cla import-hf``)."""
         return self._write(state, _model_state(chunks), config, weights_only=True)
 
     def _write(
@@ -235,12 +235,12 @@ class Checkpointer:
         if not complete and self._megatron_lm_layout():
             raise FileNotFoundError(
                 f"{self.directory} holds Megatron-LM checkpoints ({MEGATRON_LM_TRACKER}), not "
-                f"the ones python -m megatron_cla.pretrain writes (iter_NNNNNNN/ with {MARKER})"
+                f"the ones megatron-cla pretrain writes (iter_NNNNNNN/ with {MARKER})"
             )
         if not complete:
             raise FileNotFoundError(
                 f"no complete checkpoint in {self.directory} (expected iter_NNNNNNN/ with "
-                f"{MARKER}, as written by python -m megatron_cla.pretrain)"
+                f"{MARKER}, as written by megatron-cla pretrain)"
             )
         return complete[-1]
 

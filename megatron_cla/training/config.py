@@ -1,4 +1,4 @@
-"""Run configuration of ``python -m megatron_cla.pretrain``: YAML -> dataclasses, strictly.
+"""Run configuration of ``megatron-cla pretrain``: YAML -> dataclasses, strictly.
 
 A config file has the sections below (all keys optional; unknown keys are errors). Command-line
 overrides use dotted keys, e.g. ``train.lr=1e-3 parallel.tensor=2``; values are parsed as YAML.
@@ -158,7 +158,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Training data: a directory made by ``megatron_cla.data.prepare``."""
+    """Training data: a directory made by ``megatron-cla prepare-data``."""
 
     dir: str = "runs/data/default"
     """Prepared data (tokenizer.model, train/valid .bin/.idx)."""

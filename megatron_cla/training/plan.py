@@ -150,7 +150,7 @@ def _hybrid_fields(cfg: PretrainConfig, use_te: bool, on_gpu: bool) -> dict[str,
         m.hybrid_layer_pattern is not None,
         "model.arch=hybrid needs model.hybrid_layer_pattern, e.g. '*-*-*-*-'",
     )
-    from megatron_cla.hybrid.layout import HybridLayout, suggest_hybrid_pattern
+    from megatron_cla.hybrid_layout import HybridLayout, suggest_hybrid_pattern
 
     layout = HybridLayout.parse(m.hybrid_layer_pattern)
     types = set(layout.layer_types)
@@ -314,8 +314,8 @@ def make_plan(
 ) -> RunPlan:
     """Validate ``cfg`` for ``world_size`` ranks and derive the run's settings.
 
-    ``on_gpu`` / ``te_available`` default to this machine; planning tools (``kv_budget``) pass
-    the GPU machine's.
+    ``on_gpu`` / ``te_available`` default to this machine; planning tools (``megatron-cla
+    kv-budget``) pass the GPU machine's.
     """
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     t, log = cfg.train, cfg.logging

@@ -1,4 +1,4 @@
-"""KV-cache budget of a config on a GPU: ``python -m megatron_cla.kv_budget``.
+"""KV-cache budget of a config on a GPU (``megatron-cla kv-budget``).
 
 For a pretraining config and its no-CLA twin (same model, every layer a producer) it prints the
 KV bytes per token, the cache of one sequence at several lengths, and how many sequences of each
@@ -10,16 +10,14 @@ KV heads of the TP rank (at least one); the buffer is cut into whole blocks, one
 Megatron keeps as a dummy; a sequence of L tokens occupies ``ceil(L / block_size)`` blocks.
 ``tests/test_kv_budget.py`` checks these numbers against contexts the engine really allocates.
 
-    python -m megatron_cla.kv_budget --config configs/paper_1b_h128_mqa_cla2.yaml --gpu-mem 80GB
+    megatron-cla kv-budget --config configs/paper_1b_h128_mqa_cla2.yaml --gpu-mem 80GB
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,11 +28,10 @@ from megatron_cla.accounting import (
     mamba_state_bytes,
     params_per_layer,
 )
-from megatron_cla.cli import quiet_library_startup, user_errors
 from megatron_cla.sharing import KVSharing
-from megatron_cla.training.config import PretrainConfig, load_config
+from megatron_cla.training.config import PretrainConfig
 
-__all__ = ["KVBudget", "plan_budget", "no_cla_twin", "parse_bytes", "main"]
+__all__ = ["KVBudget", "format_size", "no_cla_twin", "parse_bytes", "plan_budget", "plot", "report"]
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -228,7 +225,7 @@ def plan_budget(
     )
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
@@ -245,23 +242,23 @@ def report(budgets: list[KVBudget], lengths: list[int], gpu_bytes: int) -> str:
             "KV layers x heads per GPU",
             [f"{b.kv_layers_per_gpu} x {b.kv_heads_per_gpu}" for b in budgets],
         ),
-        ("weights per GPU", [_size(b.weight_bytes_per_gpu) for b in budgets]),
-        ("KV buffer per GPU", [_size(b.buffer_bytes) for b in budgets]),
+        ("weights per GPU", [format_size(b.weight_bytes_per_gpu) for b in budgets]),
+        ("KV buffer per GPU", [format_size(b.buffer_bytes) for b in budgets]),
         (
             "block (tokens / bytes)",
-            [f"{b.block_size_tokens} / {_size(b.block_bytes)}" for b in budgets],
+            [f"{b.block_size_tokens} / {format_size(b.block_bytes)}" for b in budgets],
         ),
         ("usable blocks", [f"{b.usable_blocks:,}" for b in budgets]),
     ]
     if any(b.state_bytes_per_sequence for b in budgets):
         rows.append(
-            ("Mamba state per sequence", [_size(b.state_bytes_per_sequence) for b in budgets])
+            ("Mamba state per sequence", [format_size(b.state_bytes_per_sequence) for b in budgets])
         )
     for length in lengths:
         rows.append(
             (
                 f"cache of one {length:,}-token seq",
-                [_size(b.sequence_bytes(length)) for b in budgets],
+                [format_size(b.sequence_bytes(length)) for b in budgets],
             )
         )
     for length in lengths:
@@ -274,7 +271,7 @@ def report(budgets: list[KVBudget], lengths: list[int], gpu_bytes: int) -> str:
     width = max(len(r[0]) for r in rows)
     cols = [max(len(b.name), *(len(r[1][i]) for r in rows)) for i, b in enumerate(budgets)]
     lines = [
-        f"GPU memory {_size(gpu_bytes)}",
+        f"GPU memory {format_size(gpu_bytes)}",
         " " * width + "  " + "  ".join(b.name.rjust(c) for b, c in zip(budgets, cols, strict=True)),
     ]
     for label, values in rows:
@@ -330,51 +327,3 @@ def plot(budgets: list[KVBudget], path: Path, max_batch: int = 1024) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_cla.kv_budget", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--config", type=Path, required=True, help="pretraining YAML config")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tensor=8")
-    parser.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB")
-    parser.add_argument(
-        "--reserve", default="8GB", help="kept free for activations, logits, CUDA context"
-    )
-    parser.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary")
-    parser.add_argument("--kv-dtype", default="bf16", choices=sorted(DTYPE_BYTES))
-    parser.add_argument("--weight-dtype", default="bf16", choices=sorted(DTYPE_BYTES))
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per KV block")
-    parser.add_argument("--lengths", default="2048,8192,32768,131072", help="sequence lengths")
-    parser.add_argument("--plot", type=Path, default=Path("kv_budget.png"), help="PNG to write")
-    return parser.parse_intermixed_args(argv)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    args = _parse(argv)
-    quiet_library_startup()
-    with user_errors("kv_budget"):
-        cfg = load_config(args.config, args.overrides)
-        gpu, reserve = parse_bytes(args.gpu_mem), parse_bytes(args.reserve)
-        lengths = [int(x) for x in args.lengths.split(",")]
-        options = dict(
-            vocab_size=args.vocab_size,
-            kv_dtype=args.kv_dtype,
-            weight_dtype=args.weight_dtype,
-            block_size_tokens=args.block_size,
-            reserve_bytes=reserve,
-        )
-        budgets = [plan_budget(c, gpu, **options) for c in (cfg, no_cla_twin(cfg))]
-    if budgets[0].buffer_bytes == 0:
-        sys.exit(
-            f"kv_budget: the weights ({_size(budgets[0].weight_bytes_per_gpu)}) and the reserve "
-            f"leave no memory for a KV cache on a {args.gpu_mem} GPU; use more tensor/pipeline "
-            f"parallelism or a smaller --reserve"
-        )
-    print(report(budgets, lengths, gpu))
-    print(f"wrote {plot(budgets, args.plot)}")
-
-
-if __name__ == "__main__":
-    main()

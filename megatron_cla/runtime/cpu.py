@@ -13,7 +13,7 @@ DDP, optimizer, ``dist_checkpointing``) run on CPU tensors:
 * Megatron's inference stack runs on the CPU: the text-generation controller gets a CPU sampling
   generator, NVTX ranges are no-ops, the paged cache is appended to without Triton, and dynamic
   batching's flash-attn version assertion is skipped (megatron_cla's attention computes paged
-  attention itself on CPU tensors, see :class:`megatron_cla.inference.PagedAttentionOnCPU`;
+  attention itself on CPU tensors, see :class:`megatron_cla.paged_attention.PagedAttentionOnCPU`;
   stock attention still needs flash-attn);
 * the "CUDA" RNG API that Megatron's ``CudaRNGStatesTracker`` uses is routed to the CPU default
   generator, which is the generator CPU dropout actually draws from. The tracker's fork therefore
@@ -21,10 +21,12 @@ DDP, optimizer, ``dist_checkpointing``) run on CPU tensors:
   the same mask), and its "CPU RNG state changed within GPU RNG context" warning, which is
   meaningless here, is filtered out.
 
-The patches are process-wide and idempotent. Use them in tests and laptop experiments only; never
-in a process that also drives a real GPU. The mode must be active wherever Megatron code runs;
-``enable_megatron_on_cpu`` enters it for the calling thread and re-enters it inside autograd's
-backward so that recomputation code in backward is covered too.
+The patches are process-wide and idempotent. The launcher applies them when it finds no GPU
+(:func:`megatron_cla.runtime.distributed.init_distributed`), and so does the CPU test harness
+(:mod:`megatron_cla.testing`); never apply them in a process that also drives a real GPU. The mode
+must be active wherever Megatron code runs; ``enable_megatron_on_cpu`` enters it for the calling
+thread and re-enters it inside autograd's backward so that recomputation code in backward is
+covered too.
 """
 
 from __future__ import annotations

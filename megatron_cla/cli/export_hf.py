@@ -1,9 +1,7 @@
-"""Export a launcher checkpoint as a Hugging Face model: ``python -m megatron_cla.export_hf``.
+"""``megatron-cla export-hf --checkpoint RUN --out DIR``: a launcher run as a Hugging Face model.
 
-    python -m megatron_cla.export_hf --checkpoint runs/tiny_mqa_cla2 --out hf/tiny_mqa_cla2
-
-Reads any checkpoint ``python -m megatron_cla.pretrain`` wrote (GPT or ``*-`` hybrid, any TP/PP,
-TE or local spec) in one process and writes a directory that
+Reads any checkpoint ``megatron-cla pretrain`` wrote (GPT or ``*-`` hybrid, any TP/PP, TE or local
+spec) in one process and writes a directory that
 ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` loads with nothing but
 transformers installed, whose KV cache holds the producer layers only, plus the run's tokenizer
 for ``AutoTokenizer``; see :mod:`megatron_cla.serving.export`. Needs ``pip install
@@ -16,14 +14,16 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from megatron_cla.cli import one_process_command
+from megatron_cla.cli.common import command_parser, one_process_command
 
 __all__ = ["main"]
 
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_cla.export_hf", description=__doc__.split("\n\n")[0]
+    parser = command_parser(
+        "export-hf",
+        epilog="example:\n  megatron-cla export-hf --checkpoint runs/tiny_mqa_cla2 "
+        "--out hf/tiny_mqa_cla2",
     )
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="run, checkpoints or iter_ directory"
@@ -40,7 +40,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = _parse(argv)
-    with one_process_command("export_hf", args.verbose):
+    with one_process_command("export-hf", args.verbose):
         from megatron_cla.serving.export import export_checkpoint
 
         result = export_checkpoint(
@@ -51,7 +51,3 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"KV cache in layers {result.producers} of {result.config.name}"
     )
     print(f"load it: AutoModelForCausalLM.from_pretrained('{result.out}', trust_remote_code=True)")
-
-
-if __name__ == "__main__":
-    main()

@@ -124,14 +124,14 @@ def convert_gpt_checkpoint(
 ) -> tuple[Path, PretrainConfig]:
     """Write the hybrid twin of a launcher GPT checkpoint as the run directory ``out``
     (``config.yaml`` and ``checkpoints/``; written in a temporary directory, renamed when
-    complete), so that ``python -m megatron_cla.pretrain --config out/config.yaml`` resumes it.
+    complete), so that ``megatron-cla pretrain --config out/config.yaml`` resumes it.
     Needs a one-process world, which the caller has started. Returns (checkpoint, config)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_cla.generate import find_checkpoint
     from megatron_cla.training.checkpoint import Checkpointer
     from megatron_cla.training.model import resumed_vocab_size
+    from megatron_cla.training.run_dir import find_checkpoint
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -139,7 +139,7 @@ def convert_gpt_checkpoint(
     checkpointer, iteration = find_checkpoint(Path(checkpoint), iteration)
     saved = checkpointer.saved_run(iteration)
     if "config" not in saved:
-        raise ValueError(f"{checkpointer.path(iteration)} was not written by megatron_cla.pretrain")
+        raise ValueError(f"{checkpointer.path(iteration)} was not written by megatron-cla pretrain")
     gpt_cfg = config_from_dict(saved["config"])
     if gpt_cfg.parallel.distributed_optimizer:
         raise ValueError(

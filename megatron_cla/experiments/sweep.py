@@ -1,9 +1,9 @@
-"""Train a grid of CLA variants: ``python -m megatron_cla.sweep --grid configs/sweeps/X.yaml``.
+"""Train a grid of CLA variants (``megatron-cla sweep --grid configs/sweeps/X.yaml``).
 
 A grid file names a base config, overrides common to every run, the seeds, and the variants
 (each a list of overrides); optionally an LR sweep over some variants. Every run trains with the
 same data (``data.dir``, ``data.seed``: identical data order) and the same token budget (the grid
-is rejected otherwise), one ``python -m megatron_cla.pretrain`` process per run, one after the
+is rejected otherwise), one ``megatron-cla pretrain`` process per run, one after the
 other. Finished runs (``summary.json`` at the final step) are skipped and interrupted ones resume
 from their checkpoints, so the command can be re-run until the grid is done. After every run the
 results table is rewritten: ``results.csv`` and ``results.json`` in the output directory
@@ -26,7 +26,6 @@ Grid file::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -38,10 +37,9 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_cla.cli import quiet_library_startup, user_errors
 from megatron_cla.training.config import PretrainConfig, load_config
 
-__all__ = ["Grid", "SweepRun", "load_grid", "plan_runs", "run_sweep", "main"]
+__all__ = ["Grid", "SweepRun", "load_grid", "plan_runs", "run_sweep", "write_results"]
 
 RESULT_FIELDS = [
     "variant",
@@ -221,7 +219,7 @@ def _finished(run: SweepRun, out: Path) -> Optional[dict[str, Any]]:
 def _start(run: SweepRun, base: str, out: Path) -> subprocess.Popen:
     directory = run.directory(out)
     directory.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "megatron_cla.pretrain", "--config", base, *run.overrides]
+    cmd = [sys.executable, "-m", "megatron_cla", "pretrain", "--config", base, *run.overrides]
     with open(directory / "train.log", "a", encoding="utf-8") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
@@ -307,37 +305,3 @@ def run_sweep(grid: Grid, out: Path, parallel: int = 1) -> list[dict[str, Any]]:
             proc.terminate()
             proc.wait()
     return [_row(run, summaries[i]) for i, run in enumerate(runs)]
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_cla.sweep", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--grid", type=Path, required=True, help="grid YAML")
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/sweeps/NAME")
-    parser.add_argument(
-        "--parallel", type=int, default=1, help="runs at a time (small models on one GPU)"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    args = parser.parse_args(argv)
-    quiet_library_startup()
-    with user_errors("invalid sweep"):
-        grid = load_grid(args.grid)
-        out = args.out or Path("runs/sweeps") / grid.name
-        runs = plan_runs(grid, out)
-    print(
-        f"sweep {grid.name}: {len(runs)} runs ({len(grid.variants)} variants x "
-        f"{len(grid.seeds)} seeds + LR sweep) -> {out}"
-    )
-    if args.dry_run:
-        for run in runs:
-            print(f"  {run.variant} lr {run.lr:g} seed {run.seed}: {' '.join(run.overrides)}")
-        return
-    if args.parallel < 1:
-        sys.exit(f"invalid sweep: --parallel must be >= 1, got {args.parallel}")
-    run_sweep(grid, out, args.parallel)
-    print(f"results: {out / 'results.csv'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -283,9 +283,11 @@ def check_hybrid_pipeline(
             if suggestion
             else "fewer pipeline segments than CLA groups"
         )
+        where = f"pipeline rank {seg.pp_rank}" + (
+            "" if seg.vp_stage is None else f", virtual chunk {seg.vp_stage}"
+        )
         raise ValueError(
-            f"Pipeline segment {index} (pipeline rank {seg.pp_rank}, virtual chunk "
-            f"{seg.vp_stage}) of hybrid_layer_pattern="
+            f"Pipeline segment {index} ({where}) of hybrid_layer_pattern="
             f"{layout.pattern!r} starts with attention layer {k} (pattern layer "
             f"{layout.layer_number_of(k)}), a CLA consumer of attention layer "
             f"{sharing.producer_of(k)}; K/V are not sent between pipeline stages, so every "

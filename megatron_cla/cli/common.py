@@ -1,26 +1,75 @@
-"""What the ``python -m megatron_cla.*`` commands share: a quiet start and one-line errors.
+"""What every ``megatron-cla`` command shares: the list of commands, a quiet start, one-line errors.
 
 Importing Megatron-Core prints about ten notices before anything useful: that Apex and
 Transformer Engine are missing and torch norms/optimizers are used instead, that MimoModelConfig
 is experimental, PyTorch's "No CUDA runtime is found" on a CPU; then every config warns about
 Megatron's own default ``cuda_graph_modules``, every model build about GPTModel's deprecation and
 the first checkpoint about Megatron's async-save internals and PyTorch's checkpoint-reader
-internals. The commands hide exactly these
-(``--verbose`` shows them), in
-their own process and in the helper processes they spawn (the checkpoint writer re-imports
-Megatron), and report every user error as one line and exit status 1.
+internals. The commands hide exactly these (``--verbose`` shows them), in their own process and in
+the helper processes they spawn (the checkpoint writer re-imports Megatron), and report every user
+error as one line and exit status 1.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import sys
 import warnings
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
-__all__ = ["one_process_command", "quiet_library_startup", "quiet_transformers", "user_errors"]
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "command_parser",
+    "one_process_command",
+    "quiet_library_startup",
+    "quiet_transformers",
+    "user_errors",
+]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand of ``megatron-cla``."""
+
+    name: str
+    """What the user types: ``megatron-cla NAME``."""
+    summary: str
+    """One line for ``megatron-cla --help`` and the top of the command's own ``--help``."""
+
+    @property
+    def module(self) -> str:
+        """The module of :mod:`megatron_cla.cli` whose ``main(argv)`` runs it."""
+        return self.name.replace("-", "_")
+
+
+COMMANDS = (
+    Command("pretrain", "train a CLA model from a YAML config (one process or torchrun)"),
+    Command("generate", "generate text from a run's checkpoint (Megatron inference)"),
+    Command("export-hf", "write a run as a Hugging Face model (transformers, vLLM)"),
+    Command("import-hf", "turn a Hugging Face CLA model into a run to train or serve"),
+    Command("convert", "convert a run into another model family (gpt-to-hybrid)"),
+    Command("kv-budget", "KV cache per token, per sequence and concurrency on a GPU"),
+    Command("prepare-data", "train a tokenizer and write Megatron datasets from text"),
+    Command("sweep", "train a grid of CLA variants on the same data and token budget"),
+    Command("sweep-report", "Pareto plot and claims report of a sweep's results"),
+    Command("build-corpus", "rebuild the embedded corpus from its packages"),
+)
+"""Every subcommand, in the order ``megatron-cla --help`` lists them."""
+
+
+def command_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """The argument parser of ``megatron-cla NAME``, described by its summary line."""
+    summary = next(c.summary for c in COMMANDS if c.name == name)
+    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        prog=f"megatron-cla {name}", description=summary[0].upper() + summary[1:] + ".", **kwargs
+    )
+
 
 NOTICES = (
     "Apex is not installed",
@@ -95,9 +144,10 @@ def user_errors(prog: str, *kinds: type[BaseException]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def one_process_command(prog: str, verbose: bool = False) -> Iterator[None]:
-    """The body of a one-process command (``export_hf``, ``import_hf``): a quiet start, one-line
-    errors (also for missing optional packages) and a one-rank CPU/gloo world, torn down after."""
+def one_process_command(prog: str, verbose: bool = False, on_gpu: bool = False) -> Iterator[None]:
+    """The body of a one-process command (``export-hf``, ``import-hf``, ``convert``): a quiet
+    start, one-line errors (also for missing optional packages) and a one-rank world (NCCL on a
+    GPU, gloo on CPUs), torn down after."""
     quiet_library_startup(verbose)
     quiet_transformers(verbose)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -105,11 +155,11 @@ def one_process_command(prog: str, verbose: bool = False) -> Iterator[None]:
         sys.exit(f"{prog}: run it as one process (not under torchrun)")
     import torch.distributed as dist
 
-    from megatron_cla.pretrain import init_distributed
+    from megatron_cla.runtime.distributed import init_distributed
 
     try:
         with user_errors(prog, ImportError, RuntimeError):
-            init_distributed(on_gpu=False)
+            init_distributed(on_gpu)
             yield
     finally:
         if dist.is_initialized():

@@ -1,18 +1,15 @@
-"""Pretrain a CLA model with Megatron-Core: ``python -m megatron_cla.pretrain --config X.yaml``.
+"""A whole pretraining job in this process: :func:`run_pretraining` (``megatron-cla pretrain``).
 
-Run it directly (one process; CPU or one GPU) or under ``torchrun`` (any number of processes and
-nodes; see ``launch/``). NCCL is used on GPUs and gloo on CPUs. The config is validated against
-the world size before anything is allocated; the data directory is prepared from the embedded
-corpus (or ``data.inputs``) when it does not exist; the run resumes from its newest complete
-checkpoint unless ``checkpoint.resume=false``.
+Run it in one process (CPU or one GPU) or in every rank that ``torchrun``/``srun`` started (see
+``launch/``); NCCL is used on GPUs and gloo on CPUs. The config is validated against the world size
+before anything is allocated; the data directory is prepared from the embedded corpus (or
+``data.inputs``) when it does not exist; the run resumes from its newest complete checkpoint unless
+``checkpoint.resume=false``.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -22,33 +19,14 @@ import torch.distributed as dist
 import yaml
 
 from megatron_cla.accounting import DecoderShape, kv_cache_bytes_per_token
-from megatron_cla.cli import quiet_library_startup, user_errors
+from megatron_cla.runtime.distributed import init_distributed
 from megatron_cla.sharing import KVSharing
-from megatron_cla.training.config import PretrainConfig, load_config
+from megatron_cla.training.config import PretrainConfig
 
 if TYPE_CHECKING:
     from megatron_cla.training.plan import RunPlan
 
-__all__ = ["init_distributed", "main", "run_pretraining"]
-
-
-def init_distributed(on_gpu: bool) -> bool:
-    """Start the process group unless the caller already did; True if started here."""
-    if dist.is_initialized():
-        return False
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    else:
-        from megatron_cla.testing.cpu import enable_megatron_on_cpu
-
-        enable_megatron_on_cpu()
-    backend = "nccl" if on_gpu else "gloo"
-    if "RANK" in os.environ:  # torchrun / srun with the env:// rendezvous variables
-        dist.init_process_group(backend)
-    else:
-        store = dist.FileStore(tempfile.mkstemp(prefix="megatron_cla_")[1], 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1)
-    return True
+__all__ = ["describe_model", "run_pretraining"]
 
 
 def _prepare_data(cfg: PretrainConfig) -> Path:
@@ -205,35 +183,3 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     if started_here:
         dist.destroy_process_group()
     return val_ppl
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_cla.pretrain", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="YAML config (configs/*.yaml); default: built-in tiny defaults",
-    )
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-3")
-    parser.add_argument("--verbose", action="store_true", help="show library start-up notices")
-    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
-    quiet_library_startup(args.verbose)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with user_errors("invalid configuration"):
-        if args.config is not None and not args.config.is_file():
-            raise FileNotFoundError(f"--config {args.config}: no such file")
-        cfg = load_config(args.config, args.overrides)
-        from megatron_cla.training.plan import make_plan
-
-        make_plan(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # fail fast, before allocation
-    from megatron_cla.training.checkpoint import CorruptCheckpoint
-
-    with user_errors("pretrain", CorruptCheckpoint):
-        run_pretraining(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Report of a sweep: ``python -m megatron_cla.sweep_report --grid G.yaml --results DIR --out D``.
+"""Report of a sweep (``megatron-cla sweep-report --grid G.yaml --results DIR --out D``).
 
 Writes ``pareto.png`` (validation perplexity vs KV bytes/token: our variants with the mean and the
 seed range, and the paper's 1B points on a second panel) and ``report.md`` (per-variant table,
@@ -7,7 +7,6 @@ the grid's claimed orderings checked against the seed spread, and the LR sensiti
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -15,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_cla.cli import user_errors
-from megatron_cla.sweep import Grid, load_grid
+from megatron_cla.experiments.sweep import Grid
 
-__all__ = ["VariantStats", "aggregate", "check_claim", "write_report", "main"]
+__all__ = ["VariantStats", "aggregate", "check_claim", "load_results", "write_report"]
 
 # Paper Table 1 (1B, LR 3e-4): KV bytes/token and validation perplexity.
 PAPER_1B = {
@@ -248,24 +246,11 @@ def write_report(
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_cla.sweep_report", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--grid", type=Path, required=True)
-    parser.add_argument("--results", type=Path, required=True, help="the sweep's output dir")
-    parser.add_argument("--out", type=Path, required=True, help="where report.md/pareto.png go")
-    parser.add_argument("--command", default=None, help="how the results were produced")
-    parser.add_argument("--hardware", default=None, help="what they were produced on")
-    args = parser.parse_args(argv)
-    with user_errors("sweep_report"):
-        rows = json.loads((args.results / "results.json").read_text())
-        bad = [r for r in rows if not math.isfinite(r["val_ppl"])]
-        if bad:
-            raise ValueError(f"non-finite validation perplexity in {len(bad)} run(s): {bad[:2]}")
-        path = write_report(load_grid(args.grid), rows, args.out, args.command, args.hardware)
-    print(f"wrote {path} and {args.out / 'pareto.png'}")
-
-
-if __name__ == "__main__":
-    main()
+def load_results(directory: Path) -> list[dict[str, Any]]:
+    """The result rows a sweep wrote to ``directory/results.json``; ``ValueError`` when a run's
+    validation perplexity is not finite (a diverged run would distort every mean)."""
+    rows = json.loads((Path(directory) / "results.json").read_text())
+    bad = [r for r in rows if not math.isfinite(r["val_ppl"])]
+    if bad:
+        raise ValueError(f"non-finite validation perplexity in {len(bad)} run(s): {bad[:2]}")
+    return rows

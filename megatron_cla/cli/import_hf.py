@@ -1,0 +1,42 @@
+"""``megatron-cla import-hf --model DIR --out RUN``: a Hugging Face CLA model as a launcher run.
+
+Reads a directory ``megatron-cla export-hf`` wrote (or the same model saved by transformers) and
+writes a run directory (``config.yaml``, a weights-only checkpoint and the tokenizer) that
+``megatron-cla pretrain --config OUT/config.yaml`` fine-tunes and ``megatron-cla generate
+--checkpoint OUT`` serves; see :mod:`megatron_cla.serving.importer`. Needs ``pip install
+megatron-cla[hf]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+from megatron_cla.cli.common import command_parser, one_process_command
+
+__all__ = ["main"]
+
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = command_parser(
+        "import-hf",
+        epilog="example:\n  megatron-cla import-hf --model hf/tiny_mqa_cla2 --out runs/imported",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
+    parser.add_argument("--out", type=Path, required=True, help="new run directory")
+    parser.add_argument("--name", default=None, help="run name (default: MODEL-imported)")
+    parser.add_argument("--verbose", action="store_true", help="show library warnings")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = _parse(argv)
+    with one_process_command("import-hf", args.verbose):
+        from megatron_cla.serving.importer import import_hf_model
+
+        result = import_hf_model(args.model, args.out, args.name)
+    model = result.config.model
+    print(f"wrote {result.checkpoint}: {result.config.name}, model.arch {model.arch}")
+    print(f"fine-tune: megatron-cla pretrain --config {args.out}/config.yaml")
+    print(f"generate:  megatron-cla generate --checkpoint {args.out} --prompt ...")

@@ -1,0 +1,43 @@
+"""``megatron-cla prepare-data --input docs.jsonl [...] --out DIR``: training data from text.
+
+Trains a SentencePiece tokenizer on the training split (or reuses ``--tokenizer``) and writes
+Megatron indexed datasets (``train``/``valid`` ``.bin``/``.idx``) and ``manifest.json``; without
+``--input`` the embedded corpus is used. See :mod:`megatron_cla.data.prepare`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from megatron_cla.cli.common import command_parser, quiet_library_startup, user_errors
+from megatron_cla.data.corpus import EMBEDDED_CORPUS
+
+__all__ = ["main"]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = command_parser(
+        "prepare-data",
+        epilog="example:\n  megatron-cla prepare-data --input books.jsonl.xz notes.txt "
+        "--out data/mine --vocab-size 16000",
+    )
+    parser.add_argument(
+        "--input", type=Path, nargs="+", default=[EMBEDDED_CORPUS], help="JSONL(.xz) or .txt"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="new data directory")
+    parser.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary")
+    parser.add_argument("--valid-percent", type=float, default=2.0, help="validation share")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="reuse this .model")
+    parser.add_argument("--text-key", default="text", help="JSON field holding the text")
+    args = parser.parse_args(argv)
+    quiet_library_startup()
+    from megatron_cla.data.prepare import prepare
+
+    with user_errors("prepare-data"):
+        manifest = prepare(
+            args.input, args.out, args.vocab_size, args.valid_percent, args.tokenizer, args.text_key
+        )
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens")
+    print(f"wrote {args.out}/{{tokenizer.model,train,valid}}.{{bin,idx}} and manifest.json")

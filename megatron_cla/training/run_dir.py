@@ -1,0 +1,79 @@
+"""What the commands need to know about a launcher run directory.
+
+A run directory (``logging.run_dir``) holds ``config.yaml`` and ``checkpoints/iter_NNNNNNN``;
+every checkpoint also carries the run's config. Serving (``generate``, ``export-hf``) and
+conversion (``convert``) find a checkpoint in it, read the saved config, re-lay it out for one
+machine and find the run's tokenizer with these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_cla.training.config import PretrainConfig, config_from_dict
+
+__all__ = ["find_checkpoint", "serving_config", "run_tokenizer_path"]
+
+
+def find_checkpoint(path: Path, iteration: Optional[int] = None) -> tuple[Any, int]:
+    """The ``Checkpointer`` and iteration for a run directory, a checkpoint directory, or an
+    ``iter_NNNNNNN`` directory (newest complete one unless ``iteration`` is given)."""
+    from megatron_cla.training.checkpoint import Checkpointer
+
+    path = Path(path)
+    if path.name.startswith("iter_"):
+        if iteration is not None and int(path.name.split("_")[1]) != iteration:
+            raise ValueError(f"--checkpoint {path} and --iteration {iteration} disagree")
+        return Checkpointer(path.parent), int(path.name.split("_")[1].split(".")[0])
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    checkpointer = Checkpointer(path)
+    if iteration is None:
+        return checkpointer, checkpointer.latest_complete()
+    if iteration not in checkpointer.complete_iterations():
+        raise FileNotFoundError(f"no complete checkpoint iter_{iteration:07d} in {path}")
+    return checkpointer, iteration
+
+
+def serving_config(
+    saved: dict[str, Any], tensor_parallel: int, precision: str = "auto"
+) -> PretrainConfig:
+    """The saved pretraining config re-laid-out for serving on ``tensor_parallel`` ranks."""
+    cfg = config_from_dict(saved)
+    cfg.parallel = dataclasses.replace(
+        cfg.parallel,
+        tensor=tensor_parallel,
+        pipeline=1,
+        virtual_pipeline=None,
+        pipeline_layout=None,
+        context=1,
+        sequence_parallel=False,
+        distributed_optimizer=False,
+    )
+    cfg.train = dataclasses.replace(
+        cfg.train,
+        global_batch_size=cfg.train.micro_batch_size,
+        precision=precision,
+        recompute_granularity=None,
+        recompute_method=None,
+        recompute_num_layers=None,
+    )
+    pattern = cfg.model.hybrid_layer_pattern  # one pipeline stage: no segment separators
+    pattern = None if pattern is None else pattern.replace("|", "")
+    cfg.model = dataclasses.replace(cfg.model, dropout=0.0, hybrid_layer_pattern=pattern)
+    return cfg
+
+
+def run_tokenizer_path(cfg: PretrainConfig, override: Optional[Path] = None) -> Path:
+    """The SentencePiece model of a run: ``override``, else the data directory's, else
+    ``data.tokenizer`` (an imported run whose data is not prepared yet)."""
+    path = override or Path(cfg.data.dir) / "tokenizer.model"
+    if override is None and not path.is_file() and cfg.data.tokenizer is not None:
+        path = Path(cfg.data.tokenizer)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no tokenizer at {path} (the run's data.dir); pass --tokenizer path/to/tokenizer.model"
+        )
+    return path
