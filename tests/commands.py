@@ -51,13 +51,7 @@ def run_command(
 
 
 def start_command(*args: Any, **kwargs: Any) -> subprocess.Popen:
-    """Start ``megatron-cla ARGS`` in the background, stdout and stderr merged."""
-    return subprocess.Popen(
-        megatron_cla_argv(*args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=command_env(),
-        **kwargs,
-    )
+    """Start ``megatron-cla ARGS`` in the background, stdout and stderr merged unless
+    ``kwargs`` say otherwise (they go to ``subprocess.Popen``)."""
+    options = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    return subprocess.Popen(megatron_cla_argv(*args), env=command_env(), **{**options, **kwargs})

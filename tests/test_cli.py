@@ -12,7 +12,7 @@ import pytest
 
 from megatron_cla._compat import hybrid_model_available
 from megatron_cla.cli.common import COMMANDS
-from tests.commands import ROOT, command_env, run_command
+from tests.commands import ROOT, command_env, run_command, start_command
 
 # megatron-core 0.16.1 has no HybridModel: there the converter's first (one-line) error says so.
 CONVERT_ERROR = (
@@ -128,3 +128,14 @@ def test_a_run_starts_with_its_header_not_library_notices(tmp_path, monkeypatch)
     )
     assert verbose.returncode == 1 and "invalid configuration: cla_share_factor=9" in verbose.stderr
     assert "Apex is not installed" in verbose.stderr or "Transformer Engine" in verbose.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """``megatron-cla kv-budget ... | head -1``: the command stops quietly when its reader goes."""
+    args = ["kv-budget", "--config", "configs/paper_1b_h128_mqa_cla2.yaml"]
+    proc = start_command(*args, "--plot", tmp_path / "budget.png", stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 1 and first.startswith("GPU memory")
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

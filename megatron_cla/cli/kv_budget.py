@@ -45,12 +45,13 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=256, help="tokens per KV block")
     parser.add_argument("--lengths", default="2048,8192,32768,131072", help="sequence lengths")
     parser.add_argument("--plot", type=Path, default=Path("kv_budget.png"), help="PNG to write")
+    parser.add_argument("--verbose", action="store_true", help="show library start-up notices")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = _parse(argv)
-    quiet_library_startup()
+    quiet_library_startup(args.verbose)
     with user_errors("kv-budget"):
         cfg = load_config(args.config, args.overrides)
         gpu, reserve = parse_bytes(args.gpu_mem), parse_bytes(args.reserve)

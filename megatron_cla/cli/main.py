@@ -7,6 +7,7 @@ when it runs, so ``megatron-cla --help`` starts in a fraction of a second.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import import_module
 from typing import Optional
@@ -53,4 +54,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     command = next((c for c in COMMANDS if c.name == argv[0]), None)
     if command is None:
         sys.exit(f"megatron-cla: unknown command {argv[0]!r}; choose from {names}")
-    import_module(f"megatron_cla.cli.{command.module}").main(argv[1:])
+    try:
+        import_module(f"megatron_cla.cli.{command.module}").main(argv[1:])
+        sys.stdout.flush()  # a pipe's reader may be gone: find out here, not at exit
+    except BrokenPipeError:  # e.g. `megatron-cla kv-budget ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"megatron-cla {command.name}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -30,8 +30,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--valid-percent", type=float, default=2.0, help="validation share")
     parser.add_argument("--tokenizer", type=Path, default=None, help="reuse this .model")
     parser.add_argument("--text-key", default="text", help="JSON field holding the text")
+    parser.add_argument("--verbose", action="store_true", help="show library start-up notices")
     args = parser.parse_args(argv)
-    quiet_library_startup()
+    quiet_library_startup(args.verbose)
     from megatron_cla.data.prepare import prepare
 
     with user_errors("prepare-data"):
