@@ -30,7 +30,7 @@ def variant_config(run_dir: Path, data_dir: Path, *overrides: str) -> PretrainCo
     )
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> None:
+def randomise(model: torch.nn.Module, seed: int) -> None:
     """Weights large enough for peaked logits, norms away from 1 (so the q/k-norm vs RoPE order
     and the norm weights' mapping both show in the logits)."""
     generator = torch.Generator().manual_seed(seed)
@@ -51,7 +51,7 @@ def megatron_model(cfg: PretrainConfig, vocab: int, seed: int = 3) -> torch.nn.M
 
     plan = make_plan(serving_config(asdict(cfg), 1, "fp32"), 1, on_gpu=False)
     model = build_model_chunk(plan, vocab).eval()
-    _randomise(model, seed)
+    randomise(model, seed)
     return model
 
 
@@ -76,6 +76,24 @@ def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tenso
     positions = torch.arange(tokens.shape[1])[None]
     with torch.no_grad():
         return model(tokens, positions, None).float()
+
+
+def run_logits(run: Path, tokens: torch.Tensor, **model_overrides: Any) -> torch.Tensor:
+    """Megatron logits of a launcher run's newest checkpoint, loaded at TP 1 in fp32
+    (``model_overrides`` change the saved model config, e.g. to switch a feature off)."""
+    from megatron_cla.training.model import build_model_chunk
+    from megatron_cla.training.plan import make_plan
+    from megatron_cla.training.run_dir import find_checkpoint, serving_config
+
+    init_process_group_once()
+    checkpointer, iteration = find_checkpoint(run)
+    saved = checkpointer.saved_run(iteration)["config"]
+    saved = {**saved, "model": {**saved["model"], **model_overrides}}
+    plan = make_plan(serving_config(saved, 1, "fp32"), 1, on_gpu=False)
+    with model_parallel():
+        model = build_model_chunk(plan, checkpointer.saved_vocab_size(iteration)).eval()
+        checkpointer.load_weights(iteration, [model])
+        return megatron_logits(model, tokens)
 
 
 def load_hf(directory: Path) -> Any:

@@ -191,6 +191,27 @@ def generate_on_rank(runner: str, model: dict, batch: list[list[int]], tp: int =
     return {**out, "reference": reference}
 
 
+def suppressed_rows(tp: int, keep: int) -> dict:
+    """Which logits of the tiny CLA2 GPT (at TP ``tp``) ``suppress_rows_without_text`` leaves
+    finite when the tokenizer has ``keep`` ids (gathered over the TP ranks)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_cla.inference.generation import suppress_rows_without_text
+
+    with model_parallel(tensor_model_parallel_size=tp):
+        net = _model({"tensor_model_parallel_size": tp, "cla_share_factor": 2})
+        suppress_rows_without_text(net, keep)
+        tokens = torch.tensor(prompts((7,)))
+        with torch.no_grad():
+            logits = net(tokens, torch.arange(tokens.shape[1])[None], None)
+            full = gather_from_tensor_model_parallel_region(logits)
+    return {
+        "width": full.shape[-1],
+        "finite": torch.isfinite(full).all(dim=(0, 1)).tolist(),
+        "minus_inf": torch.isneginf(full).all(dim=(0, 1)).tolist(),
+    }
+
+
 def _leave_inference_mode() -> None:
     """megatron-core >= 0.17 engines set a process-wide inference flag; later tests train."""
     try:

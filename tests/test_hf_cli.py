@@ -18,7 +18,7 @@ from megatron_cla.testing import run_on_ranks
 from megatron_cla.training.checkpoint import Checkpointer
 from megatron_cla.training.config import ModelConfig
 from tests.commands import command_env, run_command
-from tests.hf_helpers import load_hf, relative_error
+from tests.hf_helpers import load_hf, relative_error, run_logits
 from tests.pretrain_worker import pretrain_file_on_rank, step_losses
 
 PROMPTS = ["It is a truth universally acknowledged", "And God said"]
@@ -40,22 +40,6 @@ def exported(pp2_gpt_run, tmp_path_factory) -> Path:
     assert proc.stdout.startswith(f"wrote {out} from {pp2_gpt_run}/checkpoints/iter_0000016")
     assert "KV cache in layers [0, 2]" in proc.stdout and not proc.stderr.strip()
     return out
-
-
-def _run_logits(run: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from megatron_cla.testing.distributed import init_process_group_once, model_parallel
-    from megatron_cla.training.model import build_model_chunk
-    from megatron_cla.training.plan import make_plan
-    from megatron_cla.training.run_dir import find_checkpoint, serving_config
-
-    init_process_group_once()
-    checkpointer, iteration = find_checkpoint(run)
-    plan = make_plan(serving_config(checkpointer.saved_run(iteration)["config"], 1), 1, False)
-    with model_parallel():
-        model = build_model_chunk(plan, checkpointer.saved_vocab_size(iteration)).eval()
-        checkpointer.load_weights(iteration, [model])
-        with torch.no_grad():
-            return model(tokens, torch.arange(tokens.shape[1])[None], None).float()
 
 
 TOKENIZER_LOADS = """
@@ -92,7 +76,7 @@ def test_exported_model_generates_megatrons_greedy_tokens(pp2_gpt_run, exported,
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(exported))  # no remote code
     model = load_hf(exported)
     tokens = torch.tensor([tokenizer.encode(PROMPTS[0] * 3, add_special_tokens=False)])
-    assert relative_error(model(tokens).logits, _run_logits(pp2_gpt_run, tokens)) < 1e-5
+    assert relative_error(model(tokens).logits, run_logits(pp2_gpt_run, tokens)) < 1e-5
     megatron = _megatron_tokens(pp2_gpt_run, tmp_path / "megatron.json")
     for prompt, want in zip(PROMPTS, megatron, strict=True):
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
@@ -140,7 +124,9 @@ def test_cli_errors_are_one_line_and_write_nothing(exported, tmp_path):
     (broken / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     proc = run_command("import-hf", "--model", broken, "--out", tmp_path / "imported")
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
-    assert "model_type='llama'; only 'megatron_cla' models" in proc.stderr
+    assert "architectures=['MegatronCLAForCausalLM'], model_type='llama': the importable" in (
+        proc.stderr
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "megatron_lm_run"]
 
 

@@ -8,7 +8,8 @@ import torch
 
 from megatron_cla.inference import paged_attention
 from megatron_cla.testing import run_on_ranks
-from tests.inference_worker import RUNNERS, generate_on_rank, prompts
+from tests.helpers import VOCAB
+from tests.inference_worker import RUNNERS, generate_on_rank, prompts, suppressed_rows
 
 MODELS = {
     "S1-MQA": dict(cla_share_factor=1),
@@ -84,6 +85,16 @@ def test_tensor_parallel_greedy_decode(runner, model):
     for out in ranks:
         assert out["generated"] == out["reference"]
     assert ranks[0]["generated"] == ranks[1]["generated"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_rows_without_text_are_never_generated(tp):
+    """Rows past the tokenizer's vocabulary get -inf logits on every TP rank's slice (80 of 96
+    rows: TP 2 splits them 48/48, so the second rank masks its last 16)."""
+    for out in run_on_ranks(suppressed_rows, tp, tp, 80):
+        assert out["width"] == VOCAB
+        assert out["finite"] == [True] * 80 + [False] * (VOCAB - 80)
+        assert out["minus_inf"] == [False] * 80 + [True] * (VOCAB - 80)
 
 
 def test_paged_attention_matches_dense_causal_attention():

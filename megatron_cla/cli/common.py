@@ -51,7 +51,7 @@ COMMANDS = (
     Command("pretrain", "train a CLA model from a YAML config (one process or torchrun)"),
     Command("generate", "generate text from a run's checkpoint (Megatron inference)"),
     Command("export-hf", "write a run as a Hugging Face model (transformers, vLLM)"),
-    Command("import-hf", "turn a Hugging Face CLA model into a run to train or serve"),
+    Command("import-hf", "a Hugging Face model (ours, Llama, Mistral, Qwen) as a run"),
     Command("convert", "convert a run into another model family (gpt-to-hybrid)"),
     Command("kv-budget", "KV cache per token, per sequence and concurrency on a GPU"),
     Command("prepare-data", "train a tokenizer and write Megatron datasets from text"),

@@ -1,10 +1,10 @@
-"""``megatron-cla import-hf --model DIR --out RUN``: a Hugging Face CLA model as a launcher run.
+"""``megatron-cla import-hf --model DIR --out RUN``: a Hugging Face model as a launcher run.
 
-Reads a directory ``megatron-cla export-hf`` wrote (or the same model saved by transformers) and
-writes a run directory (``config.yaml``, a weights-only checkpoint and the tokenizer) that
-``megatron-cla pretrain --config OUT/config.yaml`` fine-tunes and ``megatron-cla generate
---checkpoint OUT`` serves; see :mod:`megatron_cla.serving.importer`. Needs ``pip install
-megatron-cla[hf]``.
+Reads a directory ``megatron-cla export-hf`` wrote (or the same model saved by transformers), or a
+stock Llama, Mistral, Qwen2 or Qwen3 model, and writes a run directory (``config.yaml``, a
+weights-only checkpoint and the tokenizer) that ``megatron-cla pretrain --config OUT/config.yaml``
+fine-tunes and ``megatron-cla generate --checkpoint OUT`` serves; see
+:mod:`megatron_cla.serving.importer`. Needs ``pip install megatron-cla[hf]``.
 """
 
 from __future__ import annotations

@@ -18,7 +18,13 @@ import torch
 from megatron_cla.training.config import PretrainConfig
 from megatron_cla.training.run_dir import find_checkpoint, run_tokenizer_path, serving_config
 
-__all__ = ["GenerationSettings", "LoadedModel", "generate", "load_engine"]
+__all__ = [
+    "GenerationSettings",
+    "LoadedModel",
+    "generate",
+    "load_engine",
+    "suppress_rows_without_text",
+]
 
 
 @dataclasses.dataclass
@@ -101,6 +107,31 @@ def generate(
     ]
 
 
+def suppress_rows_without_text(model: torch.nn.Module, tokenizer_vocab: int) -> None:
+    """Make ``model`` give ``-inf`` logits to the vocabulary rows past ``tokenizer_vocab``.
+
+    Megatron pads the vocabulary (to a multiple of 128 x TP) and imported models may carry
+    unused rows: those ids have no text, and Megatron's samplers would pick them all the same
+    (greedy takes the argmax over every row). Each tensor-parallel rank masks its own slice of the
+    output layer's logits."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_cla.training.model import unwrap
+
+    inner = unwrap(model)
+    full = inner.vocab_size
+
+    def mask(_module: Any, _inputs: Any, output: Any) -> Any:
+        logits = output[0] if isinstance(output, tuple) else output
+        local = logits.shape[-1]
+        start = 0 if local == full else ps.get_tensor_model_parallel_rank() * local
+        first_without_text = min(max(tokenizer_vocab - start, 0), local)
+        logits[..., first_without_text:] = float("-inf")
+        return output
+
+    inner.output_layer.register_forward_hook(mask)
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A checkpoint served by Megatron-Core's dynamic-batching engine."""
@@ -149,6 +180,7 @@ def load_engine(
     model = build_model_chunk(plan, vocab)
     checkpointer.load_weights(iteration, [model])
     model.eval()
+    suppress_rows_without_text(model, run_tokenizer.vocab_size)
     engine = build_dynamic_engine(
         model,
         run_tokenizer,

@@ -26,7 +26,7 @@ __all__ = [
 MODEL_TYPE = "megatron_cla"
 ARCHITECTURE = "MegatronCLAForCausalLM"
 NORM_EPS = 1e-5
-"""Megatron's ``layernorm_epsilon`` default, which the launcher does not change."""
+"""The norm epsilon of a ``config.json`` that names none (the launcher's default)."""
 AUTO_MAP = {
     "AutoConfig": "configuration_megatron_cla.MegatronCLAConfig",
     "AutoModelForCausalLM": "modeling_megatron_cla.MegatronCLAForCausalLM",
@@ -50,6 +50,12 @@ def _gpt_layers(model: ModelConfig) -> int:
 
 def check_exportable(model: ModelConfig) -> int:
     """Raise ``ValueError`` unless ``model`` maps to the HF model; returns its layer count."""
+    extras = {"qkv_bias": model.qkv_bias, "rope_scaling_factor": model.rope_scaling_factor}
+    if set_extras := {k: v for k, v in extras.items() if v not in (False, None)}:
+        raise ValueError(
+            f"model {set_extras} cannot be exported: MegatronCLAForCausalLM has no q/k/v biases "
+            f"and no RoPE scaling"
+        )
     return _gpt_layers(model)
 
 
@@ -85,7 +91,7 @@ def hf_config_fields(
         "hidden_act": "silu" if model.swiglu else "gelu",
         "mlp_gated": model.swiglu,
         "norm_type": _NORMS[model.normalization],
-        "norm_eps": NORM_EPS,
+        "norm_eps": model.norm_epsilon,
         "qk_norm": model.qk_layernorm,
         "rope_theta": float(model.rotary_base),
         "max_position_embeddings": model.seq_length,
@@ -143,8 +149,8 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: Optional[int] = None) -
     )
     norm = {v: k for k, v in _NORMS.items()}.get(hf.get("norm_type", "rmsnorm"))
     _require(norm is not None, f"norm_type={hf.get('norm_type')!r} is not rmsnorm/layernorm")
-    eps = hf.get("norm_eps", NORM_EPS)
-    _require(eps == NORM_EPS, f"norm_eps={eps}; Megatron's layers use {NORM_EPS}")
+    eps = float(hf.get("norm_eps", NORM_EPS))
+    _require(eps > 0, f"norm_eps={eps} must be > 0")
     layers = int(hf["num_hidden_layers"])
     heads = int(hf["num_attention_heads"])
     producers = hf.get("cla_producer_layers")
@@ -161,6 +167,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: Optional[int] = None) -
         head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
         seq_length=seq_length or int(hf.get("max_position_embeddings", 256)),
         normalization=norm,
+        norm_epsilon=eps,
         qk_layernorm=bool(hf.get("qk_norm", False)),
         rotary_base=int(theta),
         init_method_std=float(hf.get("initializer_range", 0.02)),

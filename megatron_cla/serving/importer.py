@@ -1,11 +1,15 @@
-"""Import a ``MegatronCLAForCausalLM`` directory back as a launcher run.
+"""Import a Hugging Face model directory as a launcher run.
 
-The output is a run directory like the one pretraining writes:
+It reads a ``MegatronCLAForCausalLM`` directory (an export of this package, CLA included) or a
+stock ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``
+(:mod:`megatron_cla.serving.architectures`; every layer then produces its own K/V). The output is
+a run directory like the one pretraining writes:
 
 * ``config.yaml``: the model from ``config.json`` (GPT, or the ``*-`` hybrid stack it was
   exported from), default training settings, ``data.tokenizer`` = the model's tokenizer;
 * ``checkpoints/iter_0000000``: a weights-only checkpoint (no optimizer state);
-* ``tokenizer.model``: the SentencePiece model shipped in the export.
+* ``tokenizer.model``: the model's SentencePiece model (an export ships one; so do Llama 2 and
+  Mistral).
 
 ``megatron-cla pretrain --config OUT/config.yaml`` then fine-tunes it (a fresh optimizer
 from step 0; any TP/PP: the checkpoint reshards) and ``megatron-cla generate
@@ -26,7 +30,13 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from megatron_cla.serving.hf_config import attention_shape, model_config_from_hf
+from megatron_cla.serving.architectures import STOCK_ARCHITECTURES, stock_model_config
+from megatron_cla.serving.hf_config import (
+    ARCHITECTURE,
+    MODEL_TYPE,
+    attention_shape,
+    model_config_from_hf,
+)
 from megatron_cla.serving.weights import gpt_parameter_name, megatron_tensors_from_hf
 from megatron_cla.training.config import PretrainConfig
 
@@ -71,14 +81,44 @@ def read_hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _model_config(hf: dict) -> Any:
+    """The launcher model of an export of ours or of a stock architecture."""
+    if hf.get("model_type") == MODEL_TYPE:
+        return model_config_from_hf(hf)
+    if set(hf.get("architectures") or []) & set(STOCK_ARCHITECTURES):
+        return stock_model_config(hf)
+    known = {ARCHITECTURE: MODEL_TYPE, **STOCK_ARCHITECTURES}
+    raise ValueError(
+        f"config.json architectures={hf.get('architectures')!r}, model_type="
+        f"{hf.get('model_type')!r}: the importable models are "
+        + ", ".join(f"{arch} ({kind})" for arch, kind in known.items())
+    )
+
+
 def imported_run_config(hf: dict, out: Path, name: str) -> PretrainConfig:
     """The run config of an imported model living in ``out`` (an absolute path)."""
-    cfg = PretrainConfig(name=name, model=model_config_from_hf(hf))
+    cfg = PretrainConfig(name=name, model=_model_config(hf))
     cfg.data = dataclasses.replace(
         cfg.data, dir=str(out / "data"), tokenizer=str(out / "tokenizer.model")
     )
     cfg.logging = dataclasses.replace(cfg.logging, run_dir=str(out))
     return cfg
+
+
+def _drop_redundant(tensors: dict[str, torch.Tensor], tied: bool) -> None:
+    """Remove what a checkpoint may carry besides the weights: RoPE buffers of older
+    transformers releases, and the output matrix of a tied model saved anyway (it must equal
+    the embedding)."""
+    for name in [n for n in tensors if n.endswith("rotary_emb.inv_freq")]:
+        del tensors[name]
+    head, embedding = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if tied and head is not None:
+        if embedding is None or not torch.equal(head, embedding):
+            raise ValueError(
+                "config.json tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight: the tensors do not fit config.json"
+            )
+        del tensors["lm_head.weight"]
 
 
 def _check_vocab(hf: dict, tensors: dict[str, torch.Tensor]) -> int:
@@ -135,11 +175,12 @@ def import_hf_model(model_dir: Path, out: Path, name: Optional[str] = None) -> I
     spm_model = model_dir / "tokenizer.model"
     if not spm_model.is_file():
         raise FileNotFoundError(
-            f"{model_dir} has no tokenizer.model (the SentencePiece model export_hf writes); "
-            f"the launcher's data pipeline needs it"
+            f"{model_dir} has no tokenizer.model: the launcher's data pipeline reads SentencePiece "
+            f"models (export-hf writes one; Llama 2 and Mistral ship one), not tokenizer.json"
         )
     plan = _plan(cfg)
     tensors = read_hf_tensors(model_dir)
+    _drop_redundant(tensors, tied=not cfg.model.untie_embeddings)
     vocab = _check_vocab(hf, tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

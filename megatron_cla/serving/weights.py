@@ -4,18 +4,18 @@ The Megatron side is the parameters of a one-process (TP 1, PP 1) model built wi
 spec, named as ``GPTModel`` names them; a ``*-`` hybrid stack is renamed to those names first
 (:func:`megatron_cla.hybrid.keys.gpt_key_for_hybrid_key`). Per decoder layer ``i``:
 
-=======================================  ==============================================
-Megatron (``decoder.layers.i.``)         Hugging Face (``model.layers.i.``)
-=======================================  ==============================================
-``input_layernorm.{weight,bias}``        ``input_layernorm.{weight,bias}``
-``self_attention.linear_qkv.weight``     ``self_attn.{q,k,v}_proj.weight`` (producers)
-``self_attention.linear_q.weight``       ``self_attn.q_proj.weight`` (consumers)
-``self_attention.linear_proj.weight``    ``self_attn.o_proj.weight``
-``self_attention.{q,k}_layernorm.*``     ``self_attn.{q,k}_norm.*``
-``pre_mlp_layernorm.*``                  ``post_attention_layernorm.*``
-``mlp.linear_fc1.weight``                ``mlp.gate_proj`` (rows ``[:F]``) + ``mlp.up_proj``
-``mlp.linear_fc2.weight``                ``mlp.down_proj.weight``
-=======================================  ==============================================
+===========================================  ====================================================
+Megatron (``decoder.layers.i.``)             Hugging Face (``model.layers.i.``)
+===========================================  ====================================================
+``input_layernorm.{weight,bias}``            ``input_layernorm.{weight,bias}``
+``self_attention.linear_qkv.{weight,bias}``  ``self_attn.{q,k,v}_proj.{weight,bias}`` (producers)
+``self_attention.linear_q.{weight,bias}``    ``self_attn.q_proj.{weight,bias}`` (consumers)
+``self_attention.linear_proj.weight``        ``self_attn.o_proj.weight``
+``self_attention.{q,k}_layernorm.*``         ``self_attn.{q,k}_norm.*``
+``pre_mlp_layernorm.*``                      ``post_attention_layernorm.*``
+``mlp.linear_fc1.weight``                    ``mlp.gate_proj`` (rows ``[:F]``) + ``mlp.up_proj``
+``mlp.linear_fc2.weight``                    ``mlp.down_proj.weight``
+===========================================  ====================================================
 
 plus ``embedding.word_embeddings.weight`` -> ``model.embed_tokens.weight``,
 ``decoder.final_layernorm.*`` -> ``model.norm.*`` and ``output_layer.weight`` -> ``lm_head.weight``
@@ -55,6 +55,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _SIMPLE = {
     "input_layernorm.": "input_layernorm.",
     "self_attention.linear_q.weight": "self_attn.q_proj.weight",
+    "self_attention.linear_q.bias": "self_attn.q_proj.bias",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "self_attention.q_layernorm.": "self_attn.q_norm.",
     "self_attention.k_layernorm.": "self_attn.k_norm.",
@@ -68,6 +69,7 @@ _TOP = {
     "output_layer.weight": "lm_head.weight",
 }
 _QKV = "self_attention.linear_qkv.weight"
+_QKV_BIAS = "self_attention.linear_qkv.bias"
 _FC1 = "mlp.linear_fc1.weight"
 
 
@@ -82,28 +84,33 @@ def gpt_parameter_name(arch: str) -> Callable[[str], str]:
     return gpt_key_for_hybrid_key
 
 
-def _split_qkv(weight: torch.Tensor, shape: AttentionShape) -> list[torch.Tensor]:
+def _split_qkv(fused: torch.Tensor, shape: AttentionShape) -> list[torch.Tensor]:
+    """Q, K, V rows of a fused weight ``[rows, hidden]`` or bias ``[rows]``."""
     g, per_group, d = shape.num_groups, shape.num_heads // shape.num_groups, shape.head_dim
-    grouped = weight.view(g, per_group + 2, d, weight.shape[-1])
+    rest = fused.shape[1:]
+    grouped = fused.view(g, per_group + 2, d, *rest)
     return [
-        grouped[:, :per_group].reshape(g * per_group * d, -1),
-        grouped[:, per_group].reshape(g * d, -1),
-        grouped[:, per_group + 1].reshape(g * d, -1),
+        grouped[:, :per_group].reshape(g * per_group * d, *rest),
+        grouped[:, per_group].reshape(g * d, *rest),
+        grouped[:, per_group + 1].reshape(g * d, *rest),
     ]
 
 
 def _join_qkv(parts: list[torch.Tensor], shape: AttentionShape) -> torch.Tensor:
     g, per_group, d = shape.num_groups, shape.num_heads // shape.num_groups, shape.head_dim
     q, k, v = parts
-    hidden = q.shape[-1]
-    grouped = [q.view(g, per_group, d, hidden), k.view(g, 1, d, hidden), v.view(g, 1, d, hidden)]
-    return torch.cat(grouped, dim=1).reshape(-1, hidden)
+    rest = q.shape[1:]
+    grouped = [q.view(g, per_group, d, *rest), k.view(g, 1, d, *rest), v.view(g, 1, d, *rest)]
+    return torch.cat(grouped, dim=1).reshape(-1, *rest)
 
 
 def _fused(shape: AttentionShape) -> dict[str, tuple[list[str], Callable, Callable]]:
     """Megatron suffix -> (HF suffixes, split, join) for the fused projections."""
-    qkv = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"]
-    fused = {_QKV: (qkv, lambda w: _split_qkv(w, shape), lambda p: _join_qkv(p, shape))}
+    split, join = (lambda w: _split_qkv(w, shape)), (lambda p: _join_qkv(p, shape))
+    fused = {
+        fused_name: ([f"self_attn.{x}_proj.{kind}" for x in "qkv"], split, join)
+        for fused_name, kind in ((_QKV, "weight"), (_QKV_BIAS, "bias"))
+    }
     if shape.gated_mlp:
         fc1 = ["mlp.gate_proj.weight", "mlp.up_proj.weight"]
         fused[_FC1] = (fc1, lambda w: list(w.chunk(2, dim=0)), lambda p: torch.cat(p, dim=0))

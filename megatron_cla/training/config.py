@@ -62,6 +62,15 @@ class ModelConfig:
     """Per-head norms on queries and keys."""
     rotary_base: int = 10000
     """RoPE base."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama 3.1-style RoPE scaling of the long wavelengths by this factor (Megatron's
+    ``rope_scaling``, whose other constants are fixed: low/high frequency factors 1 and 4,
+    original context 8192); None: plain RoPE. arch gpt only."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every RMSNorm/LayerNorm (Megatron's ``layernorm_epsilon``); an imported model
+    keeps its own (Qwen: 1e-6)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2); no other linear layer has one."""
     init_method_std: float = 0.02
     """Std of the normal weight initialisation."""
     untie_embeddings: bool = False

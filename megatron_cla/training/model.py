@@ -89,7 +89,9 @@ def build_model_chunk(
         spec = get_cla_decoder_block_spec(
             plan.transformer, use_transformer_engine=plan.use_transformer_engine, vp_stage=vp_stage
         )
-        model = GPTModel(plan.transformer, spec, **common)
+        scaling = m.rope_scaling_factor
+        rope = dict(rope_scaling=scaling is not None, rope_scaling_factor=scaling or 8.0)
+        model = GPTModel(plan.transformer, spec, **common, **rope)
     model = model.to(_device())
     if plan.dtype != torch.float32:
         from megatron.core.transformer.module import Float16Module

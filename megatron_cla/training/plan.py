@@ -205,7 +205,17 @@ def _architecture(cfg: PretrainConfig, use_te: bool, on_gpu: bool) -> dict[str, 
     """The layer-stack fields of the ``CLATransformerConfig`` for ``model.arch``."""
     m = cfg.model
     _require(m.arch in ("gpt", "hybrid"), f"model.arch={m.arch!r}: use gpt or hybrid")
+    _require(
+        m.rope_scaling_factor is None or m.rope_scaling_factor >= 1.0,
+        f"model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 (or unset)",
+    )
+    _require(m.norm_epsilon > 0, f"model.norm_epsilon={m.norm_epsilon} must be > 0")
     if m.arch == "hybrid":
+        _require(
+            m.rope_scaling_factor is None,
+            "model.rope_scaling_factor: Megatron's HybridModel has no RoPE scaling; use "
+            "model.arch=gpt or unset it",
+        )
         return _hybrid_fields(cfg, use_te, on_gpu)
     _require(
         m.hybrid_layer_pattern is None and m.num_experts is None,
@@ -270,6 +280,8 @@ def _transformer_config(
         gated_linear_unit=m.swiglu,
         activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
         add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        layernorm_epsilon=m.norm_epsilon,
         qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
         hidden_dropout=m.dropout,
