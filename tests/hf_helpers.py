@@ -96,6 +96,17 @@ def run_logits(run: Path, tokens: torch.Tensor, **model_overrides: Any) -> torch
         return megatron_logits(model, tokens)
 
 
+def run_weights(run: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """The GPT-named weights of a run's newest checkpoint (one process, fp32) and their plan."""
+    from megatron_cla.training.run_dir import find_checkpoint
+    from megatron_cla.training.weights import load_parameters, one_process_config, saved_run_config
+
+    init_process_group_once()
+    checkpointer, iteration = find_checkpoint(run)
+    cfg = one_process_config(saved_run_config(checkpointer, iteration))
+    return load_parameters(cfg, checkpointer, iteration)
+
+
 def load_hf(directory: Path) -> Any:
     from transformers import AutoModelForCausalLM
 

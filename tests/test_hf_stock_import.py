@@ -22,7 +22,7 @@ from megatron_cla.testing import run_on_ranks
 from megatron_cla.testing.distributed import init_process_group_once
 from tests.commands import run_command
 from tests.helpers import prepared_corpus_sample
-from tests.hf_helpers import probe_tokens, randomise, relative_error, run_logits
+from tests.hf_helpers import probe_tokens, randomise, relative_error, run_logits, run_weights
 from tests.pretrain_worker import pretrain_file_on_rank, step_losses
 
 transformers = pytest.importorskip("transformers")
@@ -133,6 +133,26 @@ def test_an_imported_stock_model_trains_at_tp2_and_generates(spm_tokenizer, tmp_
     proc = run_command("generate", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(json.loads(out.read_text())[0]["tokens"]) == 5
+
+
+def test_import_converts_to_cla_in_one_step(spm_tokenizer, tmp_path):
+    """``import-hf --cla-share-factor 2 --query-groups 1`` = the conversion of a plain import."""
+    from megatron_cla.conversion.to_cla import convert_parameters
+
+    source = _stock_model(tmp_path / "hf", "qwen2-qkv-bias-tied", spm_tokenizer)
+    plain = import_hf_model(source, tmp_path / "plain").out
+    args = ["--model", source, "--out", tmp_path / "cla", "--cla-share-factor", 2]
+    proc = run_command("import-hf", *args, "--query-groups", 1, "--kv-init", "mean")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hf-imported-cla, model.arch gpt, cla_share_factor 2" in proc.stdout
+    params, plan = run_weights(plain)
+    converted, cla_plan = run_weights(tmp_path / "cla")
+    assert cla_plan.transformer.cla_sharing.producer_layers == (1, 3)
+    assert cla_plan.config.model.num_query_groups == 1
+    sharings = plan.transformer.cla_sharing, cla_plan.transformer.cla_sharing
+    want = convert_parameters(params, plan.config.model, *sharings, "mean", 1)
+    assert want.keys() == converted.keys()
+    assert all(torch.equal(want[k], converted[k]) for k in want)
 
 
 BASE_LLAMA = {

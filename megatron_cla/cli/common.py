@@ -24,6 +24,8 @@ from typing import Any, Iterator
 __all__ = [
     "COMMANDS",
     "Command",
+    "add_cla_arguments",
+    "cla_target",
     "command_parser",
     "one_process_command",
     "quiet_library_startup",
@@ -52,7 +54,7 @@ COMMANDS = (
     Command("generate", "generate text from a run's checkpoint (Megatron inference)"),
     Command("export-hf", "write a run as a Hugging Face model (transformers, vLLM)"),
     Command("import-hf", "a Hugging Face model (ours, Llama, Mistral, Qwen) as a run"),
-    Command("convert", "convert a run into another model family (gpt-to-hybrid)"),
+    Command("convert", "convert a run: to CLA (to-cla) or to a HybridModel (gpt-to-hybrid)"),
     Command("kv-budget", "KV cache per token, per sequence and concurrency on a GPU"),
     Command("prepare-data", "train a tokenizer and write Megatron datasets from text"),
     Command("sweep", "train a grid of CLA variants on the same data and token budget"),
@@ -69,6 +71,43 @@ def command_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=f"megatron-cla {name}", description=summary[0].upper() + summary[1:] + ".", **kwargs
     )
+
+
+def add_cla_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that convert a model to CLA (``convert to-cla``, ``import-hf``)."""
+    parser.add_argument(
+        "--cla-share-factor", type=int, default=None, help="S: producers at layers 1, S+1, ..."
+    )
+    parser.add_argument(
+        "--cla-producer-layers", default=None, help="explicit 1-based producers, e.g. 1,2,4,6"
+    )
+    parser.add_argument(
+        "--kv-init",
+        choices=("mean", "first"),
+        default="mean",
+        help="a producer's K/V: the mean over its group (default) or its own",
+    )
+    parser.add_argument(
+        "--query-groups", type=int, default=None, help="mean-pool the K/V heads to G first"
+    )
+
+
+def cla_target(args: argparse.Namespace) -> Any:
+    """The ``CLATarget`` the options of :func:`add_cla_arguments` ask for, or None if none."""
+    from megatron_cla.conversion.to_cla import CLATarget
+
+    producers = args.cla_producer_layers
+    if producers is not None:
+        try:
+            producers = tuple(int(x) for x in producers.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--cla-producer-layers {args.cla_producer_layers!r}: write 1-based layer "
+                f"numbers separated by commas, e.g. 1,2,4,6"
+            ) from None
+    if args.cla_share_factor is None and producers is None and args.query_groups is None:
+        return None
+    return CLATarget(args.cla_share_factor, producers, args.kv_init, args.query_groups)
 
 
 NOTICES = (

@@ -15,7 +15,6 @@ Everything is written into a temporary sibling directory that is renamed when co
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ from typing import Any, Optional
 import torch
 
 from megatron_cla.serving.hf_config import attention_shape, check_exportable, hf_config_fields
-from megatron_cla.serving.weights import gpt_parameter_name, hf_tensors_from_megatron
+from megatron_cla.serving.weights import hf_tensors_from_megatron
 from megatron_cla.training.config import PretrainConfig
 
-__all__ = ["DTYPES", "ExportResult", "export_checkpoint", "megatron_parameters", "write_hf_model"]
+__all__ = ["DTYPES", "ExportResult", "export_checkpoint", "write_hf_model"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODEL_FILES = ("configuration_megatron_cla.py", "modeling_megatron_cla.py")
@@ -54,40 +53,6 @@ class ExportResult:
 def _empty_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty directory; choose a new one")
-
-
-def _our_run(checkpointer: Any, iteration: int) -> PretrainConfig:
-    from megatron_cla.training.config import config_from_dict
-
-    try:
-        saved = checkpointer.saved_run(iteration)
-    except Exception as err:  # not a dist checkpoint at all
-        raise ValueError(
-            f"{checkpointer.path(iteration)} is not a Megatron checkpoint: {err}"
-        ) from err
-    if not isinstance(saved, dict) or "config" not in saved:
-        raise ValueError(
-            f"{checkpointer.path(iteration)} was not written by megatron-cla pretrain "
-            f"(no run config in it); export launcher checkpoints"
-        )
-    return config_from_dict(saved["config"])
-
-
-def _export_config(cfg: PretrainConfig) -> PretrainConfig:
-    """The run laid out on this one process in fp32 without FP8 (weights are only read)."""
-    from megatron_cla.training.run_dir import serving_config
-
-    cfg = serving_config(dataclasses.asdict(cfg), 1, "fp32")
-    cfg.train = dataclasses.replace(cfg.train, fp8=None)
-    return cfg
-
-
-def megatron_parameters(model: torch.nn.Module, arch: str) -> dict[str, torch.Tensor]:
-    """The model's parameters on the CPU, named as ``GPTModel`` names them."""
-    from megatron_cla.training.model import unwrap
-
-    rename = gpt_parameter_name(arch)
-    return {rename(n): p.detach().cpu() for n, p in unwrap(model).named_parameters()}
 
 
 def copy_model_files(out: Path) -> None:
@@ -120,26 +85,6 @@ def write_hf_model(
     check_same_encoding(tokenizer, out, PROBES)
 
 
-def _load_parameters(cfg: PretrainConfig, checkpointer: Any, iteration: int) -> dict:
-    """Build the one-process model, load the checkpoint, return its GPT-named parameters."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_cla.training.model import build_model_chunk
-    from megatron_cla.training.plan import make_plan
-
-    plan = make_plan(cfg, 1, torch.cuda.is_available(), te_available=False)
-    vocab = checkpointer.saved_vocab_size(iteration)
-    ps.initialize_model_parallel(1, 1)
-    try:
-        model_parallel_cuda_manual_seed(cfg.train.seed)
-        model = build_model_chunk(plan, vocab)
-        checkpointer.load_weights(iteration, [model])
-        return megatron_parameters(model, cfg.model.arch), plan
-    finally:
-        ps.destroy_model_parallel()
-
-
 def export_checkpoint(
     checkpoint: Path,
     out: Path,
@@ -150,17 +95,18 @@ def export_checkpoint(
     """Export a launcher checkpoint (run, ``checkpoints`` or ``iter_`` directory) to ``out``.
     Needs a one-process world, which the caller has started."""
     from megatron_cla.training.run_dir import find_checkpoint, run_tokenizer_path
+    from megatron_cla.training.weights import load_parameters, one_process_config, saved_run_config
 
     out = Path(out)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)}")
     _empty_out(out)
     checkpointer, iteration = find_checkpoint(Path(checkpoint), iteration)
-    run_cfg = _our_run(checkpointer, iteration)
+    run_cfg = saved_run_config(checkpointer, iteration)
     check_exportable(run_cfg.model)
-    cfg = _export_config(run_cfg)
+    cfg = one_process_config(run_cfg)
     tokenizer = run_tokenizer_path(cfg, tokenizer)
-    params, plan = _load_parameters(cfg, checkpointer, iteration)
+    params, plan = load_parameters(cfg, checkpointer, iteration)
     tensors = hf_tensors_from_megatron(params, attention_shape(cfg.model))
     tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
     import sentencepiece as spm

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from megatron_cla.serving.weights import AttentionShape
+from megatron_cla.conversion.qkv_layout import attention_shape
 from megatron_cla.sharing import KVSharing
 from megatron_cla.training.config import ModelConfig
 
@@ -174,13 +174,3 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: Optional[int] = None) -
         untie_embeddings=not hf.get("tie_word_embeddings", True),
     )
     return dataclasses.replace(ModelConfig(), **fields)
-
-
-def attention_shape(model: ModelConfig) -> AttentionShape:
-    """Tensor layouts of ``model`` (see :mod:`megatron_cla.serving.weights`)."""
-    return AttentionShape(
-        num_heads=model.num_attention_heads,
-        num_groups=model.num_query_groups,
-        head_dim=_head_dim(model),
-        gated_mlp=model.swiglu,
-    )

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 
+from megatron_cla.conversion.to_cla import CLATarget, converted_model, converted_run_config
 from megatron_cla.serving.architectures import STOCK_ARCHITECTURES, stock_model_config
 from megatron_cla.serving.hf_config import (
     ARCHITECTURE,
@@ -37,8 +35,14 @@ from megatron_cla.serving.hf_config import (
     attention_shape,
     model_config_from_hf,
 )
-from megatron_cla.serving.weights import gpt_parameter_name, megatron_tensors_from_hf
+from megatron_cla.serving.weights import megatron_tensors_from_hf
 from megatron_cla.training.config import PretrainConfig
+from megatron_cla.training.weights import (
+    fill_model,
+    gpt_parameter_name,
+    model_parameters,
+    write_weights_only_run,
+)
 
 __all__ = ["ImportResult", "import_hf_model", "read_hf_tensors", "imported_run_config"]
 
@@ -150,22 +154,20 @@ def _build_and_fill(cfg: PretrainConfig, plan: Any, tensors: dict, vocab: int) -
 
     model_parallel_cuda_manual_seed(cfg.train.seed)
     model = build_model_chunk(plan, vocab)
-    params = dict(unwrap(model).named_parameters())
     rename = gpt_parameter_name(cfg.model.arch)
-    expected = {rename(n): p.shape for n, p in params.items()}
+    expected = {rename(n): p.shape for n, p in unwrap(model).named_parameters()}
     values = megatron_tensors_from_hf(tensors, expected, attention_shape(cfg.model))
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(values[rename(name)])
+    fill_model(model, values, cfg.model.arch)
     return model
 
 
-def import_hf_model(model_dir: Path, out: Path, name: Optional[str] = None) -> ImportResult:
-    """Import ``model_dir`` as the run directory ``out``. Needs a one-process world, which the
-    caller has started."""
+def import_hf_model(
+    model_dir: Path, out: Path, name: Optional[str] = None, cla: Optional[CLATarget] = None
+) -> ImportResult:
+    """Import ``model_dir`` as the run directory ``out``, converted to the sharing ``cla`` when
+    given (:mod:`megatron_cla.conversion.to_cla`). Needs a one-process world, which the caller
+    has started."""
     from megatron.core import parallel_state as ps
-
-    from megatron_cla.training.checkpoint import Checkpointer, TrainState
 
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -179,25 +181,18 @@ def import_hf_model(model_dir: Path, out: Path, name: Optional[str] = None) -> I
             f"models (export-hf writes one; Llama 2 and Mistral ship one), not tokenizer.json"
         )
     plan = _plan(cfg)
+    final_cfg = cfg if cla is None else converted_run_config(cfg, cla, out.resolve())
     tensors = read_hf_tensors(model_dir)
     _drop_redundant(tensors, tied=not cfg.model.untie_embeddings)
     vocab = _check_vocab(hf, tensors)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)
     ps.initialize_model_parallel(1, 1)
     try:
         model = _build_and_fill(cfg, plan, tensors, vocab)
-        checkpoints = Checkpointer(staging / "checkpoints")
-        checkpoints.save_weights(TrainState(), [model], dataclasses.asdict(cfg))
-        (staging / "config.yaml").write_text(
-            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
-        )
-        shutil.copyfile(spm_model, staging / "tokenizer.model")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        if cla is not None:
+            params = model_parameters(model, cfg.model.arch)
+            sharing = plan.transformer.cla_sharing
+            model = converted_model(params, cfg, sharing, final_cfg, cla, vocab)
+        path = write_weights_only_run(out, final_cfg, model, {"tokenizer.model": spm_model})
     finally:
         ps.destroy_model_parallel()
-        shutil.rmtree(staging, ignore_errors=True)
-    return ImportResult(out, Checkpointer(out / "checkpoints").path(0), cfg)
+    return ImportResult(out, path, final_cfg)

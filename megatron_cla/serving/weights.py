@@ -21,34 +21,22 @@ plus ``embedding.word_embeddings.weight`` -> ``model.embed_tokens.weight``,
 ``decoder.final_layernorm.*`` -> ``model.norm.*`` and ``output_layer.weight`` -> ``lm_head.weight``
 (untied models only). Megatron's fused QKV rows are grouped per query group:
 ``view(G, H/G + 2, d, hidden)`` holds the group's H/G query heads, then its key and its value
-head. Every conversion is a copy of the same numbers, so a round trip is bit-identical.
+head (:mod:`megatron_cla.conversion.qkv_layout`). Every conversion is a copy of the same numbers,
+so a round trip is bit-identical.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from megatron_cla.conversion.qkv_layout import AttentionShape, join_qkv, split_qkv
+
 __all__ = ["AttentionShape", "hf_tensors_from_megatron", "megatron_tensors_from_hf"]
 
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """What the tensor layouts depend on."""
-
-    num_heads: int
-    """Query heads (H)."""
-    num_groups: int
-    """K/V heads (G)."""
-    head_dim: int
-    """Size of one head (d)."""
-    gated_mlp: bool
-    """``linear_fc1`` holds gate and up projections (SwiGLU)."""
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -73,40 +61,9 @@ _QKV_BIAS = "self_attention.linear_qkv.bias"
 _FC1 = "mlp.linear_fc1.weight"
 
 
-def gpt_parameter_name(arch: str) -> Callable[[str], str]:
-    """Megatron parameter name -> the ``GPTModel`` name this mapping speaks: the identity for
-    GPT, HybridModel's keys renamed for ``hybrid`` (imported only then: it needs megatron-core's
-    HybridModel, which 0.16.1 lacks)."""
-    if arch != "hybrid":
-        return lambda name: name
-    from megatron_cla.hybrid.keys import gpt_key_for_hybrid_key
-
-    return gpt_key_for_hybrid_key
-
-
-def _split_qkv(fused: torch.Tensor, shape: AttentionShape) -> list[torch.Tensor]:
-    """Q, K, V rows of a fused weight ``[rows, hidden]`` or bias ``[rows]``."""
-    g, per_group, d = shape.num_groups, shape.num_heads // shape.num_groups, shape.head_dim
-    rest = fused.shape[1:]
-    grouped = fused.view(g, per_group + 2, d, *rest)
-    return [
-        grouped[:, :per_group].reshape(g * per_group * d, *rest),
-        grouped[:, per_group].reshape(g * d, *rest),
-        grouped[:, per_group + 1].reshape(g * d, *rest),
-    ]
-
-
-def _join_qkv(parts: list[torch.Tensor], shape: AttentionShape) -> torch.Tensor:
-    g, per_group, d = shape.num_groups, shape.num_heads // shape.num_groups, shape.head_dim
-    q, k, v = parts
-    rest = q.shape[1:]
-    grouped = [q.view(g, per_group, d, *rest), k.view(g, 1, d, *rest), v.view(g, 1, d, *rest)]
-    return torch.cat(grouped, dim=1).reshape(-1, *rest)
-
-
 def _fused(shape: AttentionShape) -> dict[str, tuple[list[str], Callable, Callable]]:
     """Megatron suffix -> (HF suffixes, split, join) for the fused projections."""
-    split, join = (lambda w: _split_qkv(w, shape)), (lambda p: _join_qkv(p, shape))
+    split, join = (lambda w: split_qkv(w, shape)), (lambda p: join_qkv(p, shape))
     fused = {
         fused_name: ([f"self_attn.{x}_proj.{kind}" for x in "qkv"], split, join)
         for fused_name, kind in ((_QKV, "weight"), (_QKV_BIAS, "bias"))
