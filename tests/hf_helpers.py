@@ -23,6 +23,16 @@ BASE = (
 )
 
 
+SMALL_HF_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+)
+"""The transformers config fields of the small stock models the tests build (GQA, 2 groups)."""
+
+
 def variant_config(run_dir: Path, data_dir: Path, *overrides: str) -> PretrainConfig:
     """The tiny config of a run in ``run_dir`` whose tokenizer lives in ``data_dir``."""
     return load_config(
@@ -127,3 +137,27 @@ def cache_bytes(cache: Any) -> list[int]:
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def train_hf_tokenizer(texts: list[str], directory: Path, vocab_size: int = 400) -> Path:
+    """A Llama-3-style Hugging Face tokenizer (byte-level BPE, ``<|begin_of_text|>`` added to
+    every text, ``<|end_of_text|>`` as eos) trained on ``texts``, saved by transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[bos, eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos)
+    fast.save_pretrained(str(directory))
+    return Path(directory)

@@ -22,21 +22,20 @@ from megatron_cla.testing import run_on_ranks
 from megatron_cla.testing.distributed import init_process_group_once
 from tests.commands import run_command
 from tests.helpers import prepared_corpus_sample
-from tests.hf_helpers import probe_tokens, randomise, relative_error, run_logits, run_weights
+from tests.hf_helpers import (
+    SMALL_HF_DECODER,
+    probe_tokens,
+    randomise,
+    relative_error,
+    run_logits,
+    run_weights,
+)
 from tests.pretrain_worker import pretrain_file_on_rank, step_losses
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 512  # the test tokenizer has 400 pieces: every id it produces has a row
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=128,
-)
+VOCAB = SMALL_HF_DECODER["vocab_size"]  # the test tokenizer has 400 pieces, all with a row
+SMALL = dict(**SMALL_HF_DECODER, num_hidden_layers=3, max_position_embeddings=128)
 LLAMA31_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -246,7 +245,7 @@ def test_bad_directories_are_refused_before_anything_is_written(spm_tokenizer, t
     ):
         import_hf_model(gpt2, tmp_path / "out")
     no_tokenizer = _write(tmp_path / "no_tokenizer", BASE_LLAMA)
-    with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer \(tokenizer.json or tokenizer"):
         import_hf_model(no_tokenizer, tmp_path / "out")
     tied = _stock_model(tmp_path / "tied", "qwen2-qkv-bias-tied", spm_tokenizer)
     from safetensors.torch import load_file, save_file

@@ -31,9 +31,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="new Hugging Face model directory")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="tensor dtype")
     parser.add_argument("--iteration", type=int, default=None, help="default: newest complete")
-    parser.add_argument(
-        "--tokenizer", type=Path, default=None, help="default: DATA_DIR/tokenizer.model"
-    )
+    parser.add_argument("--tokenizer", type=Path, default=None, help="default: the run's tokenizer")
     parser.add_argument("--verbose", action="store_true", help="show library warnings")
     return parser.parse_args(argv)
 

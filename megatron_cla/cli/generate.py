@@ -37,9 +37,7 @@ def _parse(argv: Optional[list[str]]) -> tuple[argparse.Namespace, GenerationSet
     )
     parser.add_argument("--iteration", type=int, default=None, help="default: newest complete")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    parser.add_argument(
-        "--tokenizer", type=Path, default=None, help="default: DATA_DIR/tokenizer.model"
-    )
+    parser.add_argument("--tokenizer", type=Path, default=None, help="default: the run's tokenizer")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU), fp32, bf16")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="default: seq_length")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -86,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout.write(args.prompt[0])
     start = time.perf_counter()
     stream = sys.stdout if first else None
-    results = generate(loaded.engine, loaded.tokenizer, args.prompt, settings, stream)
+    results = generate(loaded.engine, loaded.tokenizer, args.prompt, settings, stream, loaded.bos)
     seconds = time.perf_counter() - start
     if first:
         print()

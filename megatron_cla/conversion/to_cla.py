@@ -3,10 +3,11 @@
 The run (GPT or a ``*-`` hybrid stack, any TP/PP it was saved at) is read into one fp32 process,
 its weights go through :func:`convert_parameters` (K/V heads pooled if asked, then the new
 sharing: :mod:`megatron_cla.conversion.cla_weights`), and the result is written as a new run
-directory with a weights-only checkpoint: ``megatron-cla pretrain --config OUT/config.yaml``
-continues training it (a fresh optimizer from step 0) on the source run's data. The new run
-keeps the source's parallel layout, which must suit the new sharing (every pipeline stage starts
-on a producer); that is checked, like the rest, before any weight is read.
+directory with a weights-only checkpoint (and a copy of the run's own tokenizer, if it has one):
+``megatron-cla pretrain --config OUT/config.yaml`` continues training it (a fresh optimizer from
+step 0) on the source run's data. The new run keeps the source's parallel layout, which must
+suit the new sharing (every pipeline stage starts on a producer); that is checked, like the rest,
+before any weight is read.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def converted_run_config(cfg: PretrainConfig, target: CLATarget, out: Path) -> P
     new = dataclasses.replace(cfg, name=f"{cfg.name}-cla", model=model)
     new.logging = dataclasses.replace(cfg.logging, run_dir=str(out))
     new.checkpoint = dataclasses.replace(cfg.checkpoint, dir=None, load_iteration=None)
+    if cfg.data.tokenizer is not None:  # the run's own tokenizer is copied into the new run
+        kept = "tokenizer.model" if cfg.data.tokenizer.endswith(".model") else "tokenizer"
+        new.data = dataclasses.replace(cfg.data, tokenizer=str(out / kept))
     sharings = [
         make_plan(one_process_config(c), 1, False, te_available=False).transformer.cla_sharing
         for c in (new, cfg)
@@ -185,7 +189,8 @@ def convert_run_to_cla(
     ps.initialize_model_parallel(1, 1)
     try:
         model = converted_model(params, cfg, plan.transformer.cla_sharing, new_cfg, target, vocab)
-        path = write_weights_only_run(out, new_cfg, model, {})
+        tokenizer = None if cfg.data.tokenizer is None else Path(cfg.data.tokenizer)
+        path = write_weights_only_run(out, new_cfg, model, tokenizer)
     finally:
         ps.destroy_model_parallel()
     return path, new_cfg

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from megatron_cla.data.tokenizer import is_hf_tokenizer, tokenizer_files
+
 __all__ = ["DataFiles", "fingerprint", "build_gpt_datasets"]
 
 _FULL_HASH_LIMIT = 2 << 30  # hash whole files up to 2 GiB; sample bigger ones
@@ -24,14 +26,21 @@ class DataFiles:
     """Where the prepared data lives (the output directory of ``megatron-cla prepare-data``)."""
 
     train_prefix: Path
+    """``train.bin``/``train.idx`` without the extension."""
     valid_prefix: Path
+    """``valid.bin``/``valid.idx`` without the extension."""
     tokenizer: Path
+    """The SentencePiece model file or the Hugging Face tokenizer directory."""
 
     @classmethod
     def from_dir(cls, directory: Path) -> DataFiles:
-        """``DIR/train``, ``DIR/valid``, ``DIR/tokenizer.model``; raises if any is missing."""
-        files = cls(directory / "train", directory / "valid", directory / "tokenizer.model")
-        missing = [str(p) for p in files.paths() if not p.is_file()]
+        """``DIR/train``, ``DIR/valid`` and the tokenizer, ``DIR/tokenizer.model`` (SentencePiece)
+        or ``DIR/tokenizer/`` (Hugging Face); raises if any is missing."""
+        tokenizer = directory / "tokenizer.model"
+        if not tokenizer.is_file() and is_hf_tokenizer(directory / "tokenizer"):
+            tokenizer = directory / "tokenizer"
+        files = cls(directory / "train", directory / "valid", tokenizer)
+        missing = [str(p) for p in files.dataset_paths() + [tokenizer] if not p.exists()]
         if missing:
             raise FileNotFoundError(
                 f"prepared data incomplete, missing {missing}. Build it with "
@@ -39,10 +48,14 @@ class DataFiles:
             )
         return files
 
-    def paths(self) -> list[Path]:
-        """Every file the datasets depend on."""
+    def dataset_paths(self) -> list[Path]:
+        """The ``.bin``/``.idx`` files of both splits."""
         prefixes = (self.train_prefix, self.valid_prefix)
-        return [Path(f"{p}{ext}") for p in prefixes for ext in (".bin", ".idx")] + [self.tokenizer]
+        return [Path(f"{p}{ext}") for p in prefixes for ext in (".bin", ".idx")]
+
+    def paths(self) -> list[Path]:
+        """Every file the datasets depend on (the tokenizer's included)."""
+        return self.dataset_paths() + tokenizer_files(self.tokenizer)
 
 
 def _file_digest(path: Path) -> bytes:

@@ -1,4 +1,4 @@
-"""Build a SentencePiece tokenizer and Megatron indexed datasets (``.bin``/``.idx``) from text.
+"""Build (or reuse) a tokenizer and Megatron indexed datasets (``.bin``/``.idx``) from text.
 
 ``megatron-cla prepare-data --input docs.jsonl [more.jsonl.xz book.txt ...] --out DIR``
 
@@ -7,22 +7,34 @@
 * Split: each document goes to validation when the hash of its text falls into the first
   ``--valid-percent`` of the hash space. Identical documents therefore always land in the same
   split (exact duplicates are also dropped), so validation text never appears in training.
-* Tokenizer: trained on the training split only (``--vocab-size``), or reused (``--tokenizer``).
-* Output in ``DIR``: ``tokenizer.model``, ``train.bin/.idx``, ``valid.bin/.idx`` (one document
-  per Megatron document, EOD appended) and ``manifest.json`` (counts and sha256 of every file).
+* Tokenizer: a SentencePiece model trained on the training split only (``--vocab-size``), or an
+  existing one reused (``--tokenizer``): a SentencePiece ``.model`` or a Hugging Face tokenizer
+  directory (an imported model's), copied into ``DIR``.
+* Output in ``DIR``: ``tokenizer.model`` or ``tokenizer/``, ``train.bin/.idx``, ``valid.bin/.idx``
+  (one Megatron document per document: the tokenizer's bos first if it adds one to every text,
+  EOD last) and ``manifest.json`` (counts, sha256 of every file, the tokenizer's fingerprint).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
 from megatron_cla.data.corpus import _chunks, read_jsonl
-from megatron_cla.data.tokenizer import load_tokenizer, train_sentencepiece
+from megatron_cla.data.tokenizer import (
+    copy_tokenizer,
+    document_bos,
+    load_tokenizer,
+    tokenizer_files,
+    tokenizer_fingerprint,
+    train_sentencepiece,
+)
 
 __all__ = ["prepare", "read_documents", "split_of", "sha256_file"]
 
@@ -56,7 +68,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_indexed(texts: list[str], tokenizer, prefix: Path) -> int:
+def _write_indexed(texts: list[str], tokenizer, prefix: Path, bos: Optional[int]) -> int:
     import torch
     from megatron.core.datasets.indexed_dataset import (
         IndexedDatasetBuilder,
@@ -68,12 +80,28 @@ def _write_indexed(texts: list[str], tokenizer, prefix: Path) -> int:
     builder = IndexedDatasetBuilder(get_bin_path(str(prefix)), dtype=dtype)
     tokens = 0
     for text in texts:
-        ids = tokenizer.tokenize(text) + [tokenizer.eod]
+        ids = ([] if bos is None else [bos]) + tokenizer.tokenize(text) + [tokenizer.eod]
         builder.add_item(torch.tensor(ids, dtype=torch.int64))
         builder.end_document()
         tokens += len(ids)
     builder.finalize(get_idx_path(str(prefix)))
     return tokens
+
+
+def _tokenizer_into(
+    out: Path, train_texts: list[str], vocab_size: int, tokenizer: Optional[Path]
+) -> Path:
+    """The data directory's tokenizer: trained on ``train_texts``, or a copy of ``tokenizer``
+    (either kind); the other kind's files and Megatron's stale metadata are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # the source may be the tokenizer being replaced
+        source = None if tokenizer is None else copy_tokenizer(Path(tokenizer), Path(tmp))
+        for stale in (out / "tokenizer_metadata.json", out / "tokenizer.model"):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+        if source is None:
+            return train_sentencepiece(train_texts, out / "tokenizer.model", vocab_size)
+        return copy_tokenizer(source, out)
 
 
 def prepare(
@@ -102,29 +130,20 @@ def prepare(
             f"need documents in both splits, got {len(splits['train'])} train and "
             f"{len(splits['valid'])} valid from {[str(p) for p in inputs]}"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    model = out / "tokenizer.model"
-    if tokenizer is None:
-        train_sentencepiece(splits["train"], model, vocab_size)
-    else:
-        model.write_bytes(Path(tokenizer).read_bytes())
-    for stale in out.glob("tokenizer_metadata.json"):
-        stale.unlink()
-    tok = load_tokenizer(model)
+    model = _tokenizer_into(out, splits["train"], vocab_size, tokenizer)
+    tok, bos = load_tokenizer(model), document_bos(model)
     manifest: dict = {
         "inputs": {str(p): sha256_file(p) for p in inputs},
         "valid_percent": valid_percent,
         "duplicates_dropped": duplicates,
         "vocab_size": tok.vocab_size,
+        "tokenizer": {"path": model.name, "fingerprint": tokenizer_fingerprint(model)},
         "splits": {},
     }
     for name, texts in splits.items():
-        tokens = _write_indexed(texts, tok, out / name)
+        tokens = _write_indexed(texts, tok, out / name, bos)
         manifest["splits"][name] = {"documents": len(texts), "tokens": tokens}
-    manifest["files"] = {
-        p.name: sha256_file(p)
-        for p in sorted(out.glob("*"))
-        if p.suffix in (".bin", ".idx", ".model")
-    }
+    written = [*sorted(out.glob("*.bin")), *sorted(out.glob("*.idx")), *tokenizer_files(model)]
+    manifest["files"] = {p.relative_to(out).as_posix(): sha256_file(p) for p in written}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

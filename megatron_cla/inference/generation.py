@@ -60,10 +60,12 @@ class GenerationSettings:
         )
 
 
-def _tokenizer(cfg: PretrainConfig, override: Optional[Path]) -> Any:
-    from megatron_cla.data.tokenizer import load_tokenizer
+def _tokenizer(cfg: PretrainConfig, override: Optional[Path]) -> tuple[Any, Optional[int]]:
+    """The run's tokenizer and the bos id its documents start with (None: no bos)."""
+    from megatron_cla.data.tokenizer import document_bos, load_tokenizer
 
-    return load_tokenizer(run_tokenizer_path(cfg, override))
+    path = run_tokenizer_path(cfg, override)
+    return load_tokenizer(path), document_bos(path)
 
 
 def generate(
@@ -72,13 +74,15 @@ def generate(
     prompts: list[str],
     settings: GenerationSettings,
     stream: Optional[TextIO] = None,
+    bos: Optional[int] = None,
 ) -> list[dict[str, Any]]:
     """Serve ``prompts`` on ``engine`` (batched); stream the first prompt's text to ``stream``.
+    Each prompt starts with ``bos`` when given (as the run's training documents did).
 
     Returns one record per prompt: ``prompt``, ``prompt_tokens``, ``tokens``, ``text``.
     """
     params = settings.sampling_params(termination_id=tokenizer.eod)
-    ids = [tokenizer.tokenize(p) for p in prompts]
+    ids = [([] if bos is None else [bos]) + tokenizer.tokenize(p) for p in prompts]
     for request_id, tokens in enumerate(ids):
         engine.add_request(request_id, tokens, params)
     generated: dict[int, list[int]] = {i: [] for i in range(len(ids))}
@@ -140,6 +144,8 @@ class LoadedModel:
     """``DynamicInferenceEngine`` with the CLA paged KV cache (producer layers only)."""
     tokenizer: Any
     """The run's tokenizer."""
+    bos: Optional[int]
+    """The id the run's documents start with (None: none); prompts start with it too."""
     description: str
     """One line: the checkpoint, its training and serving layouts, dtype and KV cache size."""
 
@@ -168,7 +174,7 @@ def load_engine(
     saved = checkpointer.saved_run(iteration)
     cfg = serving_config(saved["config"], world, precision)
     plan = make_plan(cfg, world, on_gpu)  # validates before anything is allocated
-    run_tokenizer = _tokenizer(cfg, tokenizer)
+    run_tokenizer, bos = _tokenizer(cfg, tokenizer)
     vocab = resumed_vocab_size(checkpointer.saved_vocab_size(iteration), world)
     if vocab < run_tokenizer.vocab_size:
         raise ValueError(
@@ -199,4 +205,4 @@ def load_engine(
         f"{plan.transformer.cla_sharing.num_layers} attention layers, "
         f"{ctx.kv_cache_bytes / 2**20:.1f} MiB per rank"
     )
-    return LoadedModel(engine, run_tokenizer, description)
+    return LoadedModel(engine, run_tokenizer, bos, description)

@@ -69,9 +69,9 @@ def write_hf_model(
     from transformers import GenerationConfig
 
     from megatron_cla.serving.hf.configuration_megatron_cla import MegatronCLAConfig
-    from megatron_cla.serving.tokenizer import PROBES, check_same_encoding, write_hf_tokenizer
+    from megatron_cla.serving.tokenizer import write_run_tokenizer
 
-    special = write_hf_tokenizer(tokenizer, out, fields["max_position_embeddings"])
+    special = write_run_tokenizer(tokenizer, out, fields["max_position_embeddings"])
     config = MegatronCLAConfig(**fields, **special)
     config.save_pretrained(str(out))
     padded = list(range(config.tokenizer_vocab_size, config.vocab_size))
@@ -82,7 +82,6 @@ def write_hf_model(
     save_file(dict(sorted(tensors.items())), str(weights), {"format": "pt"})
     weights.chmod((out / "config.json").stat().st_mode & 0o777)  # safetensors writes it 0600
     copy_model_files(out)
-    check_same_encoding(tokenizer, out, PROBES)
 
 
 def export_checkpoint(
@@ -109,14 +108,14 @@ def export_checkpoint(
     params, plan = load_parameters(cfg, checkpointer, iteration)
     tensors = hf_tensors_from_megatron(params, attention_shape(cfg.model))
     tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
-    import sentencepiece as spm
+    from megatron_cla.serving.tokenizer import hf_tokenizer_size
 
     fields = hf_config_fields(
         run_cfg.model,
         plan.transformer.ffn_hidden_size,
         plan.transformer.cla_sharing,
         vocab_rows=params["embedding.word_embeddings.weight"].shape[0],
-        tokenizer_vocab=spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size(),
+        tokenizer_vocab=hf_tokenizer_size(tokenizer),
         dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype],
     )
     _write_atomically(out, fields, tensors, tokenizer)

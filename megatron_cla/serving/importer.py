@@ -8,8 +8,8 @@ a run directory like the one pretraining writes:
 * ``config.yaml``: the model from ``config.json`` (GPT, or the ``*-`` hybrid stack it was
   exported from), default training settings, ``data.tokenizer`` = the model's tokenizer;
 * ``checkpoints/iter_0000000``: a weights-only checkpoint (no optimizer state);
-* ``tokenizer.model``: the model's SentencePiece model (an export ships one; so do Llama 2 and
-  Mistral).
+* the model's own tokenizer: ``tokenizer/`` (a stock model's Hugging Face tokenizer files) or
+  ``tokenizer.model`` (the SentencePiece model an export of ours ships).
 
 ``megatron-cla pretrain --config OUT/config.yaml`` then fine-tunes it (a fresh optimizer
 from step 0; any TP/PP: the checkpoint reshards) and ``megatron-cla generate
@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_cla.conversion.to_cla import CLATarget, converted_model, converted_run_config
+from megatron_cla.data.tokenizer import is_hf_tokenizer
 from megatron_cla.serving.architectures import STOCK_ARCHITECTURES, stock_model_config
 from megatron_cla.serving.hf_config import (
     ARCHITECTURE,
@@ -99,12 +100,26 @@ def _model_config(hf: dict) -> Any:
     )
 
 
-def imported_run_config(hf: dict, out: Path, name: str) -> PretrainConfig:
-    """The run config of an imported model living in ``out`` (an absolute path)."""
-    cfg = PretrainConfig(name=name, model=_model_config(hf))
-    cfg.data = dataclasses.replace(
-        cfg.data, dir=str(out / "data"), tokenizer=str(out / "tokenizer.model")
+def model_tokenizer(model_dir: Path, hf: dict) -> Path:
+    """The tokenizer an imported model keeps: the SentencePiece model of an export of ours, a
+    stock model's Hugging Face tokenizer (``tokenizer.json``; else its ``tokenizer.model``)."""
+    spm_model = model_dir / "tokenizer.model"
+    if hf.get("model_type") != MODEL_TYPE and is_hf_tokenizer(model_dir):
+        return model_dir
+    if spm_model.is_file():
+        return spm_model
+    raise FileNotFoundError(
+        f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model): an imported model "
+        f"keeps its own tokenizer; copy it into the directory"
     )
+
+
+def imported_run_config(hf: dict, out: Path, name: str, tokenizer: Path) -> PretrainConfig:
+    """The run config of an imported model living in ``out`` (an absolute path) with the
+    tokenizer ``tokenizer`` (what :func:`model_tokenizer` found)."""
+    cfg = PretrainConfig(name=name, model=_model_config(hf))
+    kept = "tokenizer" if is_hf_tokenizer(tokenizer) else "tokenizer.model"
+    cfg.data = dataclasses.replace(cfg.data, dir=str(out / "data"), tokenizer=str(out / kept))
     cfg.logging = dataclasses.replace(cfg.logging, run_dir=str(out))
     return cfg
 
@@ -173,13 +188,10 @@ def import_hf_model(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty directory; choose a new one")
     hf = _read_json(model_dir / "config.json")
-    cfg = imported_run_config(hf, out.resolve(), name or f"{model_dir.resolve().name}-imported")
-    spm_model = model_dir / "tokenizer.model"
-    if not spm_model.is_file():
-        raise FileNotFoundError(
-            f"{model_dir} has no tokenizer.model: the launcher's data pipeline reads SentencePiece "
-            f"models (export-hf writes one; Llama 2 and Mistral ship one), not tokenizer.json"
-        )
+    _model_config(hf)  # an unknown architecture is refused before the tokenizer is looked for
+    tokenizer = model_tokenizer(model_dir, hf)
+    name = name or f"{model_dir.resolve().name}-imported"
+    cfg = imported_run_config(hf, out.resolve(), name, tokenizer)
     plan = _plan(cfg)
     final_cfg = cfg if cla is None else converted_run_config(cfg, cla, out.resolve())
     tensors = read_hf_tensors(model_dir)
@@ -192,7 +204,7 @@ def import_hf_model(
             params = model_parameters(model, cfg.model.arch)
             sharing = plan.transformer.cla_sharing
             model = converted_model(params, cfg, sharing, final_cfg, cla, vocab)
-        path = write_weights_only_run(out, final_cfg, model, {"tokenizer.model": spm_model})
+        path = write_weights_only_run(out, final_cfg, model, tokenizer)
     finally:
         ps.destroy_model_parallel()
     return ImportResult(out, path, final_cfg)

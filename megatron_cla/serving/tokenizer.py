@@ -24,10 +24,17 @@ SentencePiece on a set of probe strings (:func:`check_same_encoding`).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_hf_tokenizer", "check_same_encoding", "PROBES"]
+__all__ = [
+    "PROBES",
+    "check_same_encoding",
+    "hf_tokenizer_size",
+    "write_hf_tokenizer",
+    "write_run_tokenizer",
+]
 
 _SPACE = "\u2581"
 PROBES = [
@@ -170,3 +177,35 @@ def check_same_encoding(model_path: Path, hf_dir: Path, texts: list[str]) -> Non
                 f"the Hugging Face tokenizer differs from {model_path} on {text[:60]!r}: "
                 f"ids {got[:12]} vs {ids[:12]}, text {decoded[:40]!r} vs {sp.decode(ids)[:40]!r}"
             )
+
+
+def hf_tokenizer_size(tokenizer: Path) -> int:
+    """Ids the run's tokenizer produces: a SentencePiece model's pieces, or the length of a
+    Hugging Face tokenizer (added tokens included)."""
+    from megatron_cla.data.tokenizer import is_hf_tokenizer
+
+    if is_hf_tokenizer(tokenizer):
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(str(tokenizer)))
+    return _spm(tokenizer).get_piece_size()
+
+
+def write_run_tokenizer(tokenizer: Path, out: Path, max_length: int) -> dict[str, int]:
+    """The run's tokenizer into the export ``out``: a Hugging Face tokenizer's files as they are
+    (the model's own tokenizer, imported with it), a SentencePiece model converted and checked
+    (:func:`write_hf_tokenizer`). Returns the special ids for the model config."""
+    from megatron_cla.data.tokenizer import is_hf_tokenizer, tokenizer_files
+
+    if not is_hf_tokenizer(tokenizer):
+        special = write_hf_tokenizer(tokenizer, out, max_length)
+        check_same_encoding(tokenizer, out, PROBES)
+        return special
+    from transformers import AutoTokenizer
+
+    for file in tokenizer_files(tokenizer):
+        shutil.copyfile(file, out / file.name)
+    hf = AutoTokenizer.from_pretrained(str(tokenizer))
+    ids = {"bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id}
+    ids["pad_token_id"] = hf.pad_token_id
+    return {k: v for k, v in ids.items() if v is not None}

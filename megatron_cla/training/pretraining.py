@@ -43,12 +43,31 @@ def _prepare_data(cfg: PretrainConfig) -> Path:
     return directory
 
 
+def _check_same_tokenizer(cfg: PretrainConfig, data_tokenizer: Path) -> None:
+    """A run with its own tokenizer (``data.tokenizer``: imported or converted models) refuses
+    data prepared with another one, which would only show as a loss that does not go down."""
+    from megatron_cla.data.tokenizer import tokenizer_fingerprint
+
+    if cfg.data.tokenizer is None:
+        return
+    want = tokenizer_fingerprint(Path(cfg.data.tokenizer))
+    got = tokenizer_fingerprint(data_tokenizer)
+    if want != got:
+        raise ValueError(
+            f"data.dir={cfg.data.dir} was prepared with another tokenizer ({data_tokenizer}, "
+            f"fingerprint {got}) than the run's data.tokenizer={cfg.data.tokenizer} ({want}); "
+            f"prepare the data with `megatron-cla prepare-data --tokenizer "
+            f"{cfg.data.tokenizer} --input ... --out NEW_DIR` and set data.dir=NEW_DIR"
+        )
+
+
 def _datasets(plan: RunPlan, directory: Path):
     from megatron_cla.data.datasets import DataFiles, build_gpt_datasets
     from megatron_cla.data.tokenizer import load_tokenizer
 
     cfg = plan.config
     files = DataFiles.from_dir(directory)
+    _check_same_tokenizer(cfg, files.tokenizer)
     tokenizer = load_tokenizer(files.tokenizer)
     train_samples = cfg.train.train_iters * cfg.train.global_batch_size
     result = None

@@ -67,13 +67,22 @@ def serving_config(
 
 
 def run_tokenizer_path(cfg: PretrainConfig, override: Optional[Path] = None) -> Path:
-    """The SentencePiece model of a run: ``override``, else the data directory's, else
-    ``data.tokenizer`` (an imported run whose data is not prepared yet)."""
-    path = override or Path(cfg.data.dir) / "tokenizer.model"
-    if override is None and not path.is_file() and cfg.data.tokenizer is not None:
-        path = Path(cfg.data.tokenizer)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no tokenizer at {path} (the run's data.dir); pass --tokenizer path/to/tokenizer.model"
-        )
-    return path
+    """A run's tokenizer (a SentencePiece ``.model`` or a Hugging Face tokenizer directory):
+    ``override``, else ``data.tokenizer`` (imported and converted runs), else the one of the data
+    directory (``tokenizer.model`` or ``tokenizer/``)."""
+    from megatron_cla.data.tokenizer import is_hf_tokenizer
+
+    data = Path(cfg.data.dir)
+    if override is not None:
+        candidates = [Path(override)]
+    elif cfg.data.tokenizer is not None:
+        candidates = [Path(cfg.data.tokenizer)]
+    else:
+        candidates = [data / "tokenizer.model", data / "tokenizer"]
+    for path in candidates:
+        if (path.is_file() and path.suffix == ".model") or is_hf_tokenizer(path):
+            return path
+    raise FileNotFoundError(
+        f"no tokenizer at {candidates[0]}; pass --tokenizer (a SentencePiece .model file or a "
+        f"Hugging Face tokenizer directory)"
+    )

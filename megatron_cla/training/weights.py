@@ -12,7 +12,7 @@ import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -107,11 +107,13 @@ def load_parameters(cfg: PretrainConfig, checkpointer: Any, iteration: int) -> t
 
 
 def write_weights_only_run(
-    out: Path, cfg: PretrainConfig, model: torch.nn.Module, files: dict[str, Path]
+    out: Path, cfg: PretrainConfig, model: torch.nn.Module, tokenizer: Optional[Path] = None
 ) -> Path:
     """Write the run directory ``out``: ``config.yaml``, a weights-only checkpoint of ``model``
-    (step 0: a run started from it has a fresh optimizer) and ``files`` (name -> source), in a
-    temporary sibling renamed when complete. Returns the checkpoint."""
+    (step 0: a run started from it has a fresh optimizer) and a copy of ``tokenizer``
+    (``tokenizer.model`` or ``tokenizer/``), in a temporary sibling renamed when complete.
+    Returns the checkpoint."""
+    from megatron_cla.data.tokenizer import copy_tokenizer
     from megatron_cla.training.checkpoint import Checkpointer, TrainState
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,8 +125,8 @@ def write_weights_only_run(
         )
         config = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
         (staging / "config.yaml").write_text(config)
-        for name, source in files.items():
-            shutil.copyfile(source, staging / name)
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, staging)
         if out.exists():
             out.rmdir()
         staging.rename(out)
