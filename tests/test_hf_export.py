@@ -43,6 +43,14 @@ VARIANTS = {
         "model.cla_producer_layers=[1,2,4]",
         "model.head_dim=32",
     ),
+    "gqa-cla2-qkvbias-llama3rope-head48": (  # what imported Qwen2 / Llama 3.1 models need
+        "model.num_layers=4",
+        "model.num_query_groups=2",
+        "model.cla_share_factor=2",
+        "model.qkv_bias=true",
+        "model.rope_scaling_factor=8.0",
+        "model.head_dim=48",
+    ),
 }
 HYBRID = (
     "model.arch=hybrid",
@@ -87,6 +95,7 @@ def test_transformers_model_computes_megatron_logits(variant, data_dir, tmp_path
         "gqa-cla3-layernorm-gelu-untied-qknorm": [0, 3],
         "mha-s1-qknorm": [0, 1, 2],
         "gqa-keepends-1-2-4": [0, 1, 3],
+        "gqa-cla2-qkvbias-llama3rope-head48": [0, 2],
     }[variant]
     assert result.producers == sharing
     model = _check_logits_and_cache(result.out, megatron, sharing)
@@ -119,8 +128,9 @@ def _same_files(first: Path, second: Path) -> None:
     [
         (VARIANTS["gqa-cla3-layernorm-gelu-untied-qknorm"], "fp32"),
         (VARIANTS["gqa-keepends-1-2-4"], "bf16"),
+        (VARIANTS["gqa-cla2-qkvbias-llama3rope-head48"], "fp32"),
     ],
-    ids=["gpt-fp32", "gpt-keepends-bf16"],
+    ids=["gpt-fp32", "gpt-keepends-bf16", "gpt-qkvbias-llama3rope"],
 )
 def test_export_import_export_is_bit_identical(overrides, dtype, data_dir, tmp_path):
     _, _, first = _export_variant(tmp_path, data_dir, overrides, dtype)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,87 +19,34 @@ from megatron_cla.serving.importer import import_hf_model
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.testing.distributed import init_process_group_once
 from tests.commands import run_command
-from tests.helpers import prepared_corpus_sample
-from tests.hf_helpers import (
-    SMALL_HF_DECODER,
-    probe_tokens,
-    randomise,
-    relative_error,
-    run_logits,
-    run_weights,
-)
+from tests.hf_helpers import probe_tokens, relative_error, run_logits, run_weights
 from tests.pretrain_worker import pretrain_file_on_rank, step_losses
+from tests.stock_models import (
+    LLAMA31_ROPE,
+    SMALL,
+    VARIANTS,
+    VOCAB,
+    sentencepiece_tokenizer,
+    stock_model,
+    transformers_logits,
+)
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = SMALL_HF_DECODER["vocab_size"]  # the test tokenizer has 400 pieces, all with a row
-SMALL = dict(**SMALL_HF_DECODER, num_hidden_layers=3, max_position_embeddings=128)
-LLAMA31_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-    "rope_theta": 10000.0,  # long enough wavelengths that the scaling shows in the logits
-}
-VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    # name: (config class, fields, how it is saved)
-    "llama3.1-rope-scaling-untied": (
-        "LlamaConfig",
-        dict(rope_parameters=LLAMA31_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=False),
-        {},
-    ),
-    "llama-tied-bf16-sharded": (
-        "LlamaConfig",
-        dict(tie_word_embeddings=True, num_key_value_heads=1),
-        dict(dtype=torch.bfloat16, max_shard_size="60KB"),
-    ),
-    "mistral-no-window-fp16": (
-        "MistralConfig",
-        dict(sliding_window=None),
-        dict(dtype=torch.float16),
-    ),
-    "qwen2-qkv-bias-tied": ("Qwen2Config", dict(tie_word_embeddings=True), {}),
-    "qwen3-qk-norm-head-dim-32": ("Qwen3Config", dict(head_dim=32), {}),
-}
 
 
 @pytest.fixture(scope="module")
 def spm_tokenizer(tmp_path_factory) -> Path:
-    """A SentencePiece model for the imports (its pieces do not matter for the logits)."""
-    init_process_group_once()
-    data = prepared_corpus_sample(tmp_path_factory.mktemp("stock_data"), 60, 400)
-    return data / "tokenizer.model"
-
-
-def _stock_model(directory: Path, variant: str, tokenizer: Path) -> Path:
-    """Save a random ``variant`` model as transformers does, with ``tokenizer`` beside it."""
-    class_name, fields, saving = VARIANTS[variant]
-    config = getattr(transformers, class_name)(**{**SMALL, **fields})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomise(model, seed=11)
-    model.to(saving.get("dtype", torch.float32))
-    shard = {"max_shard_size": saving["max_shard_size"]} if "max_shard_size" in saving else {}
-    model.save_pretrained(str(directory), **shard)
-    shutil.copyfile(tokenizer, directory / "tokenizer.model")
-    return directory
-
-
-def _transformers_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-    with torch.no_grad():
-        return model.eval()(tokens).logits.float()
+    return sentencepiece_tokenizer(tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_imported_model_gives_transformers_logits(variant, spm_tokenizer, tmp_path):
-    source = _stock_model(tmp_path / "hf", variant, spm_tokenizer)
+    source = stock_model(tmp_path / "hf", variant, spm_tokenizer)
     if "sharded" in variant:
         assert (source / "model.safetensors.index.json").is_file()
     result = import_hf_model(source, tmp_path / "run")
     tokens = probe_tokens(VOCAB)
-    want = _transformers_logits(source, tokens)
+    want = transformers_logits(source, tokens)
     assert relative_error(run_logits(result.out, tokens), want) < 1e-5
     model = result.config.model
     assert model.cla_share_factor == 1 and model.cla_producer_layers is None
@@ -115,7 +60,7 @@ def test_imported_model_gives_transformers_logits(variant, spm_tokenizer, tmp_pa
 def test_an_imported_stock_model_trains_at_tp2_and_generates(spm_tokenizer, tmp_path):
     """The command writes the run; two launcher ranks fine-tune it at TP 2 from the imported
     weights; ``generate`` serves the result."""
-    source = _stock_model(tmp_path / "hf", "qwen2-qkv-bias-tied", spm_tokenizer)
+    source = stock_model(tmp_path / "hf", "qwen2-qkv-bias-tied", spm_tokenizer)
     run = tmp_path / "run"
     proc = run_command("import-hf", "--model", source, "--out", run)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,7 +83,7 @@ def test_import_converts_to_cla_in_one_step(spm_tokenizer, tmp_path):
     """``import-hf --cla-share-factor 2 --query-groups 1`` = the conversion of a plain import."""
     from megatron_cla.conversion.to_cla import convert_parameters
 
-    source = _stock_model(tmp_path / "hf", "qwen2-qkv-bias-tied", spm_tokenizer)
+    source = stock_model(tmp_path / "hf", "qwen2-qkv-bias-tied", spm_tokenizer)
     plain = import_hf_model(source, tmp_path / "plain").out
     args = ["--model", source, "--out", tmp_path / "cla", "--cla-share-factor", 2]
     proc = run_command("import-hf", *args, "--query-groups", 1, "--kv-init", "mean")
@@ -247,7 +192,7 @@ def test_bad_directories_are_refused_before_anything_is_written(spm_tokenizer, t
     no_tokenizer = _write(tmp_path / "no_tokenizer", BASE_LLAMA)
     with pytest.raises(FileNotFoundError, match=r"has no tokenizer \(tokenizer.json or tokenizer"):
         import_hf_model(no_tokenizer, tmp_path / "out")
-    tied = _stock_model(tmp_path / "tied", "qwen2-qkv-bias-tied", spm_tokenizer)
+    tied = stock_model(tmp_path / "tied", "qwen2-qkv-bias-tied", spm_tokenizer)
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(tied / "model.safetensors"))
@@ -257,13 +202,3 @@ def test_bad_directories_are_refused_before_anything_is_written(spm_tokenizer, t
         import_hf_model(tied, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-
-
-@pytest.mark.version_independent
-def test_export_refuses_what_its_model_cannot_hold_yet():
-    from megatron_cla.serving.hf_config import check_exportable
-    from megatron_cla.training.config import ModelConfig
-
-    for fields in ({"qkv_bias": True}, {"rope_scaling_factor": 8.0}):
-        with pytest.raises(ValueError, match="MegatronCLAForCausalLM has no q/k/v biases and no"):
-            check_exportable(ModelConfig(**fields))

@@ -138,21 +138,25 @@ def test_an_imported_model_trains_generates_and_exports_with_its_tokenizer(
     assert (exported / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
     config = json.loads((exported / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
-    assert config["tokenizer_vocab_size"] == len(hf)
+    assert config["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_the_exported_import_computes_the_source_models_logits(llama_dir, tmp_path):
-    """Import (S = 1) then export: transformers gives the Llama's own logits."""
+    """Import (S = 1) then ``export-hf``: a LlamaForCausalLM again, which transformers loads
+    without remote code and which gives the source's logits."""
     run = _imported_run(llama_dir, tmp_path)
     exported = tmp_path / "hf"
     proc = run_command("export-hf", "--checkpoint", run, "--out", exported)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"wrote {exported} from {run}/checkpoints/iter_0000000: ")
+    assert "LlamaForCausalLM" in proc.stdout.splitlines()[0]
+    assert proc.stdout.splitlines()[1] == (
+        f"load it: AutoModelForCausalLM.from_pretrained('{exported}')"
+    )
     tokens = probe_tokens(VOCAB)
     with torch.no_grad():
         want = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir))(tokens).logits
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(exported), trust_remote_code=True, dtype=torch.float32
-        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(exported))
         got = model(tokens).logits
     assert relative_error(got, want) < 1e-5
 

@@ -6,9 +6,6 @@ holds S x the tokens of an S = 1 model in the same memory."""
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,8 @@ from megatron_cla.serving.export import export_checkpoint
 from megatron_cla.testing.distributed import init_process_group_once
 from tests.helpers import prepared_corpus_sample
 from tests.hf_helpers import load_hf, variant_config, write_random_checkpoint
+from tests.vllm_driver import serve_in_subprocess
 
-DRIVER = Path(__file__).with_name("vllm_driver.py")
 TOKENIZER_VOCAB, ROWS = 500, 512
 KV_MEMORY = 64 << 20
 COMMON = ("model.hidden_size=256", "model.seq_length=256")  # head_dim 64: vLLM's CPU kernels
@@ -38,6 +35,16 @@ VARIANTS = {  # name -> (overrides, producers)
         ),
         [0, 3],
     ),
+    "gqa-cla2-qkvbias-llama3rope": (  # what imported Qwen2 / Llama 3.1 models need
+        (
+            "model.num_layers=4",
+            "model.num_query_groups=2",
+            "model.cla_share_factor=2",
+            "model.qkv_bias=true",
+            "model.rope_scaling_factor=8.0",
+        ),
+        [0, 2],
+    ),
 }
 PROMPTS = [[5, 42, 79, 116, 153, 190, 227, 264], [7, 8, 9, 10], [400, 3, 99, 250, 17, 61]]
 NEW_TOKENS = 10
@@ -51,23 +58,14 @@ def test_plugin_is_registered_for_vllm():
 
 
 def _serve(directory: Path, work: Path) -> dict:
-    request = work / f"{directory.name}.json"
-    request.write_text(
-        json.dumps(
-            {
-                "model": str(directory),
-                "kv_cache_memory_bytes": KV_MEMORY,
-                "max_model_len": 256,
-                "prompts": PROMPTS,
-                "max_tokens": NEW_TOKENS,
-            }
-        )
-    )
-    cmd = [sys.executable, str(DRIVER), str(request)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=work)
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and results, proc.stderr[-4000:]
-    return json.loads(results[-1][len("RESULT ") :])
+    request = {
+        "model": str(directory),
+        "kv_cache_memory_bytes": KV_MEMORY,
+        "max_model_len": 256,
+        "prompts": PROMPTS,
+        "max_tokens": NEW_TOKENS,
+    }
+    return serve_in_subprocess(request, work)
 
 
 def _transformers_reference(directory: Path) -> tuple[list, list]:
@@ -125,7 +123,7 @@ def test_cache_holds_share_factor_times_the_tokens(served):
     those of its producer layers alone (K and V, fp32)."""
     blocks = {name: served[name][0]["num_blocks"] for name in VARIANTS}
     assert blocks["mqa-cla2"] == 2 * blocks["mqa-s1"]
-    kv_heads = {"mqa-s1": 1, "mqa-cla2": 1, "gqa-cla3-layernorm-gelu-qknorm-untied": 2}
+    kv_heads = {name: 2 if name.startswith("gqa") else 1 for name in VARIANTS}
     for name, (_, producers) in VARIANTS.items():
         block_size = served[name][0]["block_size"]
         per_token = len(producers) * 2 * kv_heads[name] * 64 * 4

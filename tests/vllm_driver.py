@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 
 def _describe(model) -> dict:
@@ -60,6 +62,18 @@ def serve(request: dict) -> dict:
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
         "prompt_logprobs": prompt_logprobs,
     }
+
+
+def serve_in_subprocess(request: dict, work: Path) -> dict:
+    """Run this driver on ``request`` in a fresh process (from the tests) and return its result;
+    the request file is written into ``work``."""
+    path = Path(work) / f"{Path(request['model']).name}.request.json"
+    path.write_text(json.dumps(request))
+    cmd = [sys.executable, __file__, str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=work)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, proc.stderr[-4000:]
+    return json.loads(results[-1][len("RESULT ") :])
 
 
 if __name__ == "__main__":

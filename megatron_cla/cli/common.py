@@ -27,6 +27,7 @@ __all__ = [
     "add_cla_arguments",
     "cla_target",
     "command_parser",
+    "is_first_rank",
     "one_process_command",
     "quiet_library_startup",
     "quiet_transformers",
@@ -179,18 +180,26 @@ def user_errors(prog: str, *kinds: type[BaseException]) -> Iterator[None]:
             message = f"{err.strerror.lower()}: {err.filename}"
         else:
             message = " ".join(str(err).split()) or type(err).__name__
-        sys.exit(f"{prog}: {message}")
+        sys.exit(f"{prog}: {message}" if is_first_rank() else 1)  # every rank has the error
+
+
+def is_first_rank() -> bool:
+    """Whether this process prints a command's results (rank 0, or no torchrun)."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 @contextlib.contextmanager
-def one_process_command(prog: str, verbose: bool = False, on_gpu: bool = False) -> Iterator[None]:
-    """The body of a one-process command (``export-hf``, ``import-hf``, ``convert``): a quiet
-    start, one-line errors (also for missing optional packages) and a one-rank world (NCCL on a
-    GPU, gloo on CPUs), torn down after."""
+def one_process_command(
+    prog: str, verbose: bool = False, on_gpu: bool = False, torchrun: bool = False
+) -> Iterator[None]:
+    """The body of a command that rewrites weights (``export-hf``, ``import-hf``, ``convert``): a
+    quiet start, one-line errors (also for missing optional packages; under torchrun from rank 0
+    alone) and a world of one process (NCCL on a GPU, gloo on CPUs) - or, with ``torchrun``, of
+    the ranks torchrun started (gloo: weights stay in CPU memory) - torn down after."""
     quiet_library_startup(verbose)
     quiet_transformers(verbose)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if int(os.environ.get("WORLD_SIZE", 1)) != 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) != 1 and not torchrun:
         sys.exit(f"{prog}: run it as one process (not under torchrun)")
     import torch.distributed as dist
 

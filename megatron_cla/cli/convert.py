@@ -23,6 +23,7 @@ from megatron_cla.cli.common import (
     add_cla_arguments,
     cla_target,
     command_parser,
+    is_first_rank,
     one_process_command,
 )
 
@@ -61,7 +62,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = _parse(argv)
     import torch
 
-    with one_process_command("convert", args.verbose, on_gpu=torch.cuda.is_available()):
+    to_cla = args.conversion == "to-cla"  # weights on CPUs, one pipeline stage per rank
+    on_gpu = torch.cuda.is_available() and not to_cla
+    with one_process_command("convert", args.verbose, on_gpu=on_gpu, torchrun=to_cla):
         if args.conversion == "to-cla":
             target = cla_target(args)
             if target is None or (target.share_factor is None and not target.producer_layers):
@@ -78,6 +81,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
             path, cfg = convert_gpt_checkpoint(args.checkpoint, args.out, args.iteration)
             done = f"hybrid_layer_pattern '{cfg.model.hybrid_layer_pattern}'"
+    if not is_first_rank():
+        return
     print(f"wrote {path}: {cfg.name}, {done}")
     print(f"continue training: megatron-cla pretrain --config {args.out}/config.yaml")
     print(f"generate:          megatron-cla generate --checkpoint {args.out}")

@@ -18,6 +18,7 @@ from megatron_cla.cli.common import (
     add_cla_arguments,
     cla_target,
     command_parser,
+    is_first_rank,
     one_process_command,
 )
 
@@ -41,10 +42,12 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = _parse(argv)
-    with one_process_command("import-hf", args.verbose):
+    with one_process_command("import-hf", args.verbose, torchrun=True):
         from megatron_cla.serving.importer import import_hf_model
 
         result = import_hf_model(args.model, args.out, args.name, cla_target(args))
+    if not is_first_rank():
+        return
     model = result.config.model
     sharing = f"cla_share_factor {model.cla_share_factor}"
     if model.cla_producer_layers is not None:

@@ -96,12 +96,16 @@ def _group_members(sharing: KVSharing) -> dict[int, list[int]]:
 
 
 def _to_consumer(out: Tensors, layer: int, shape: AttentionShape) -> None:
-    """A producer's tensors become a consumer's: query rows kept, K/V and k-norm dropped."""
+    """A producer's tensors become a consumer's: query rows kept, K/V and k-norm dropped. What
+    else ``linear_qkv`` holds (Transformer Engine's fused input norm ``layer_norm_weight`` /
+    ``layer_norm_bias``, its ``_extra_state``) moves to ``linear_q`` as it is."""
     prefix = _ATTENTION.format(layer - 1)
-    for kind in ("weight", "bias"):
-        fused = out.pop(f"{prefix}linear_qkv.{kind}", None)
-        if fused is not None:
-            out[f"{prefix}linear_q.{kind}"] = split_qkv(fused, shape)[0]
+    for name in [n for n in out if n.startswith(f"{prefix}linear_qkv.")]:
+        kind = name[len(f"{prefix}linear_qkv.") :]
+        value = out.pop(name)
+        out[f"{prefix}linear_q.{kind}"] = (
+            split_qkv(value, shape)[0] if kind in ("weight", "bias") else value
+        )
     for name in [n for n in out if n.startswith(f"{prefix}k_layernorm.")]:
         del out[name]
 

@@ -25,11 +25,9 @@ from megatron_cla.training.config import ModelConfig, PretrainConfig
 
 __all__ = [
     "CLATarget",
-    "build_filled_model",
     "cla_model_config",
     "convert_parameters",
     "convert_run_to_cla",
-    "converted_model",
     "converted_run_config",
 ]
 
@@ -112,68 +110,28 @@ def converted_run_config(cfg: PretrainConfig, target: CLATarget, out: Path) -> P
     return new
 
 
-def build_filled_model(cfg: PretrainConfig, values: dict, vocab: int) -> torch.nn.Module:
-    """``cfg``'s one-process fp32 model holding ``values`` (GPT-named). Call it inside a
-    one-process model-parallel state."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron_cla.training.model import build_model_chunk, unwrap
-    from megatron_cla.training.plan import make_plan
-    from megatron_cla.training.weights import fill_model, gpt_parameter_name, one_process_config
-
-    plan = make_plan(one_process_config(cfg), 1, torch.cuda.is_available(), te_available=False)
-    model_parallel_cuda_manual_seed(cfg.train.seed)
-    model = build_model_chunk(plan, vocab)
-    rename = gpt_parameter_name(cfg.model.arch)
-    wanted = {rename(n): tuple(p.shape) for n, p in unwrap(model).named_parameters()}
-    got = {n: tuple(t.shape) for n, t in values.items()}
-    if wanted != got:  # the conversion and the model disagree: a bug, not a user error
-        raise RuntimeError(
-            f"converted tensors do not fit the model: {sorted(set(wanted) ^ set(got))[:4]}"
-        )
-    fill_model(model, values, cfg.model.arch)
-    return model
-
-
-def converted_model(
-    params: dict[str, torch.Tensor],
-    cfg: PretrainConfig,
-    source_sharing: Any,
-    new_cfg: PretrainConfig,
-    target: CLATarget,
-    vocab: int,
-) -> torch.nn.Module:
-    """The one-process fp32 model of ``new_cfg`` holding ``params`` (GPT-named, of ``cfg``'s
-    model with ``source_sharing``) converted for ``target``. Call it inside a one-process
-    model-parallel state."""
-    from megatron_cla.training.plan import make_plan
-    from megatron_cla.training.weights import one_process_config
-
-    new_plan = make_plan(one_process_config(new_cfg), 1, False, te_available=False)
-    values = convert_parameters(
-        params,
-        cfg.model,
-        source_sharing,
-        new_plan.transformer.cla_sharing,
-        target.kv_init,
-        target.query_groups,
-    )
-    return build_filled_model(new_cfg, values, vocab)
-
-
 def convert_run_to_cla(
     checkpoint: Path, out: Path, target: CLATarget, iteration: Optional[int] = None
 ) -> tuple[Path, PretrainConfig]:
     """Write the CLA run ``out`` converted from a launcher checkpoint (run, ``checkpoints`` or
-    ``iter_`` directory). Needs a one-process world, which the caller has started. Returns the
-    new checkpoint and config."""
+    ``iter_`` directory). Collective over the world the caller started: one process, or torchrun
+    ranks that each convert one pipeline stage (in the checkpoint's dtype; tensors the
+    conversion does not change are passed on, not copied). Returns the new checkpoint and
+    config."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_cla.conversion.grouped import converted_stage_tensors
+    from megatron_cla.training.model import unwrap
     from megatron_cla.training.run_dir import find_checkpoint
     from megatron_cla.training.weights import (
-        load_parameters,
+        adopt_parameters,
+        empty_model_chunk,
+        global_parameter_names,
+        load_stage,
         one_process_config,
         saved_run_config,
+        stage_plan,
         write_weights_only_run,
     )
 
@@ -184,11 +142,26 @@ def convert_run_to_cla(
     cfg = saved_run_config(checkpointer, iteration)
     _check_gpt_like(cfg.model)
     new_cfg = converted_run_config(cfg, target, out.resolve())
-    params, plan = load_parameters(one_process_config(cfg), checkpointer, iteration)
-    vocab = checkpointer.saved_vocab_size(iteration)
-    ps.initialize_model_parallel(1, 1)
+    ranks = dist.get_world_size()
+    source_plan = stage_plan(one_process_config(cfg), ranks)
+    plan = stage_plan(one_process_config(new_cfg), ranks)
+    ps.initialize_model_parallel(1, ranks)
     try:
-        model = converted_model(params, cfg, plan.transformer.cla_sharing, new_cfg, target, vocab)
+        source = load_stage(checkpointer, iteration, source_plan)
+        names = global_parameter_names(source, cfg.model.arch)
+        params = {names[n]: p.detach() for n, p in unwrap(source).named_parameters()}
+        del source
+        values = converted_stage_tensors(
+            list(params),
+            params.pop,  # each source tensor is read once: what is not passed on is freed
+            attention_shape(cfg.model),
+            source_plan.transformer.cla_sharing,
+            plan.transformer.cla_sharing,
+            target.kv_init,
+            target.query_groups,
+        )
+        model = empty_model_chunk(plan, checkpointer.saved_vocab_size(iteration))
+        adopt_parameters(model, values.pop, global_parameter_names(model, cfg.model.arch))
         tokenizer = None if cfg.data.tokenizer is None else Path(cfg.data.tokenizer)
         path = write_weights_only_run(out, new_cfg, model, tokenizer)
     finally:

@@ -22,22 +22,18 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from megatron_cla.training.config import ModelConfig
+from megatron_cla.training.config import HF_MODEL_TYPES, ModelConfig
 
 __all__ = [
     "STOCK_ARCHITECTURES",
     "MAX_IMPORT_SEQ_LENGTH",
     "stock_architecture",
+    "stock_config_fields",
     "stock_model_config",
 ]
 
-STOCK_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-"""Importable architecture -> its ``model_type``."""
+STOCK_ARCHITECTURES = HF_MODEL_TYPES
+"""Importable (and exportable) architecture -> its ``model_type``."""
 LLAMA3_ROPE_CONSTANTS = {
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
@@ -135,4 +131,78 @@ def stock_model_config(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling_factor=scaling,
         init_method_std=float(hf.get("initializer_range", 0.02)),
         untie_embeddings=not hf.get("tie_word_embeddings", False),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        hf_architecture=arch,
     )
+
+
+_FIXED_FIELDS = {  # what each architecture's config needs besides the shared fields
+    "LlamaForCausalLM": {"attention_bias": False, "mlp_bias": False},
+    "MistralForCausalLM": {"sliding_window": None},
+    "Qwen2ForCausalLM": {"use_sliding_window": False},
+    "Qwen3ForCausalLM": {"attention_bias": False, "use_sliding_window": False},
+}
+_SAME_MATH = (  # the ModelConfig fields an export must keep for the logits to be the run's
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "head_dim",
+    "ffn_hidden_size",
+    "swiglu",
+    "normalization",
+    "norm_epsilon",
+    "qk_layernorm",
+    "qkv_bias",
+    "rotary_base",
+    "rope_scaling_factor",
+    "untie_embeddings",
+)
+
+
+def _rope_parameters(model: ModelConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(model.rotary_base)}
+    if model.rope_scaling_factor is not None:
+        params.update(rope_type="llama3", factor=float(model.rope_scaling_factor))
+        params.update(LLAMA3_ROPE_CONSTANTS)
+    return params
+
+
+def stock_config_fields(model: ModelConfig, vocab_rows: int, dtype: str) -> dict[str, Any]:
+    """The ``config.json`` fields of ``model`` (a GPT model whose layers all compute their own
+    K/V, ``ffn_hidden_size`` and ``head_dim`` resolved) as its ``model.hf_architecture``.
+    ``ValueError`` when that architecture cannot express the model: importing the fields back
+    must give the same model (:func:`stock_model_config`)."""
+    arch = model.hf_architecture
+    if arch not in STOCK_ARCHITECTURES:
+        raise ValueError(f"model.hf_architecture={arch!r} is not one of {sorted(HF_MODEL_TYPES)}")
+    fields = {
+        "architectures": [arch],
+        "model_type": STOCK_ARCHITECTURES[arch],
+        "vocab_size": vocab_rows,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_position_embeddings or model.seq_length,
+        "rms_norm_eps": model.norm_epsilon,
+        "rope_parameters": _rope_parameters(model),
+        "tie_word_embeddings": not model.untie_embeddings,
+        "initializer_range": model.init_method_std,
+        "dtype": dtype,
+        **_FIXED_FIELDS[arch],
+    }
+    if model.head_dim != model.hidden_size // model.num_attention_heads:  # else the default
+        fields["head_dim"] = model.head_dim
+    again = stock_model_config(fields)
+    if differing := {
+        f: getattr(model, f) for f in _SAME_MATH if getattr(again, f) != getattr(model, f)
+    }:
+        raise ValueError(
+            f"model {differing} cannot be written as {arch} (it has "
+            f"{ {f: getattr(again, f) for f in differing} }); unset model.hf_architecture to "
+            f"export it as MegatronCLAForCausalLM"
+        )
+    return fields

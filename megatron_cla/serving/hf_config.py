@@ -1,8 +1,9 @@
 """A launcher model config <-> the ``config.json`` fields of ``MegatronCLAForCausalLM``.
 
-Only what both sides can express maps: pre-norm layers of attention and an MLP without biases
-(GPT, or a ``*-`` hybrid stack: one GPT layer per ``*-`` pair), RoPE over the whole head,
-Megatron's norm epsilon. Anything else is a ``ValueError`` that says what cannot be mapped.
+Only what both sides can express maps: pre-norm layers of attention and an MLP (GPT, or a ``*-``
+hybrid stack: one GPT layer per ``*-`` pair), biases on q/k/v only, RoPE over the whole head
+(optionally with Llama 3.1's scaling), any norm epsilon. Anything else is a ``ValueError`` that
+says what cannot be mapped.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import dataclasses
 from typing import Any, Optional
 
 from megatron_cla.conversion.qkv_layout import attention_shape
+from megatron_cla.serving.architectures import LLAMA3_ROPE_CONSTANTS, MAX_IMPORT_SEQ_LENGTH
 from megatron_cla.sharing import KVSharing
-from megatron_cla.training.config import ModelConfig
+from megatron_cla.training.config import HF_MODEL_TYPES, ModelConfig
 
 __all__ = [
     "MODEL_TYPE",
@@ -50,12 +52,6 @@ def _gpt_layers(model: ModelConfig) -> int:
 
 def check_exportable(model: ModelConfig) -> int:
     """Raise ``ValueError`` unless ``model`` maps to the HF model; returns its layer count."""
-    extras = {"qkv_bias": model.qkv_bias, "rope_scaling_factor": model.rope_scaling_factor}
-    if set_extras := {k: v for k, v in extras.items() if v not in (False, None)}:
-        raise ValueError(
-            f"model {set_extras} cannot be exported: MegatronCLAForCausalLM has no q/k/v biases "
-            f"and no RoPE scaling"
-        )
     return _gpt_layers(model)
 
 
@@ -74,9 +70,11 @@ def hf_config_fields(
     """``MegatronCLAConfig`` keyword arguments (and the auto_map/architecture entries); the
     special token ids come from the tokenizer."""
     layers = _gpt_layers(model)
-    provenance = {"arch": model.arch}
+    provenance: dict[str, Any] = {"arch": model.arch}
     if model.arch == "hybrid":  # pipeline segments ('|') are a training layout, not the model
         provenance["hybrid_layer_pattern"] = model.hybrid_layer_pattern.replace("|", "")
+    if model.hf_architecture is not None:
+        provenance["hf_architecture"] = model.hf_architecture
     return {
         "architectures": [ARCHITECTURE],
         "auto_map": dict(AUTO_MAP),
@@ -93,14 +91,32 @@ def hf_config_fields(
         "norm_type": _NORMS[model.normalization],
         "norm_eps": model.norm_epsilon,
         "qk_norm": model.qk_layernorm,
+        "qkv_bias": model.qkv_bias,
         "rope_theta": float(model.rotary_base),
-        "max_position_embeddings": model.seq_length,
+        "rope_llama3_scaling": _llama3_scaling(model.rope_scaling_factor),
+        "max_position_embeddings": model.max_position_embeddings or model.seq_length,
         "cla_producer_layers": [p - 1 for p in sharing.producer_layers],
         "tie_word_embeddings": not model.untie_embeddings,
         "initializer_range": model.init_method_std,
         "megatron_cla": provenance,
         "dtype": dtype,
     }
+
+
+def _llama3_scaling(factor: Optional[float]) -> Optional[dict[str, float]]:
+    """Megatron's ``rope_scaling`` (Llama 3.1's, constants fixed) as the config field."""
+    if factor is None:
+        return None
+    return {"factor": float(factor), **LLAMA3_ROPE_CONSTANTS}
+
+
+def _scaling_factor(scaling: Optional[dict[str, Any]]) -> Optional[float]:
+    if scaling is None:
+        return None
+    for name, want in LLAMA3_ROPE_CONSTANTS.items():
+        got = float(scaling.get(name, want))
+        _require(got == want, f"rope_llama3_scaling.{name}={got}: Megatron fixes it at {want}")
+    return float(scaling["factor"])
 
 
 def _require(ok: bool, problem: str) -> None:
@@ -139,6 +155,16 @@ def _arch_fields(hf: dict[str, Any], layers: int) -> dict[str, Any]:
     return {"arch": "hybrid", "num_layers": None, "hybrid_layer_pattern": pattern}
 
 
+def _origin(hf: dict[str, Any]) -> Optional[str]:
+    """The stock architecture the exported model was imported from, if any."""
+    arch = (hf.get("megatron_cla") or {}).get("hf_architecture")
+    _require(
+        arch is None or arch in HF_MODEL_TYPES,
+        f"megatron_cla.hf_architecture={arch!r} is not one of {sorted(HF_MODEL_TYPES)}",
+    )
+    return arch
+
+
 def model_config_from_hf(hf: dict[str, Any], seq_length: Optional[int] = None) -> ModelConfig:
     """The launcher's ``ModelConfig`` for a ``config.json`` of ``model_type`` megatron_cla."""
     model_type = hf.get("model_type")
@@ -155,6 +181,7 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: Optional[int] = None) -
     heads = int(hf["num_attention_heads"])
     producers = hf.get("cla_producer_layers")
     producers = list(range(layers)) if producers is None else producers
+    positions = int(hf.get("max_position_embeddings", 256))
     theta = float(hf.get("rope_theta", 10000.0))
     _require(theta.is_integer(), f"rope_theta={theta} is not an integer (model.rotary_base)")
     fields = dict(
@@ -165,11 +192,15 @@ def model_config_from_hf(hf: dict[str, Any], seq_length: Optional[int] = None) -
         num_attention_heads=heads,
         num_query_groups=int(hf.get("num_key_value_heads", heads)),
         head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        seq_length=seq_length or int(hf.get("max_position_embeddings", 256)),
+        seq_length=seq_length or min(positions, MAX_IMPORT_SEQ_LENGTH),
+        max_position_embeddings=positions,
         normalization=norm,
         norm_epsilon=eps,
         qk_layernorm=bool(hf.get("qk_norm", False)),
+        qkv_bias=bool(hf.get("qkv_bias", False)),
         rotary_base=int(theta),
+        rope_scaling_factor=_scaling_factor(hf.get("rope_llama3_scaling")),
+        hf_architecture=_origin(hf),
         init_method_std=float(hf.get("initializer_range", 0.02)),
         untie_embeddings=not hf.get("tie_word_embeddings", True),
     )

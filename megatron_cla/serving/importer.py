@@ -11,6 +11,10 @@ a run directory like the one pretraining writes:
 * the model's own tokenizer: ``tokenizer/`` (a stock model's Hugging Face tokenizer files) or
   ``tokenizer.model`` (the SentencePiece model an export of ours ships).
 
+The weights are read one tensor at a time in the files' dtype (a bf16 model is imported as bf16)
+and become the model's parameters without copies; under torchrun every rank reads, converts and
+saves one pipeline stage, so a 70B model needs about 1/N of its bytes per rank.
+
 ``megatron-cla pretrain --config OUT/config.yaml`` then fine-tunes it (a fresh optimizer
 from step 0; any TP/PP: the checkpoint reshards) and ``megatron-cla generate
 --checkpoint OUT`` serves it. Everything is written into a temporary sibling directory that is
@@ -27,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_cla.conversion.to_cla import CLATarget, converted_model, converted_run_config
+from megatron_cla.conversion.to_cla import CLATarget, converted_run_config
 from megatron_cla.data.tokenizer import is_hf_tokenizer
 from megatron_cla.serving.architectures import STOCK_ARCHITECTURES, stock_model_config
 from megatron_cla.serving.hf_config import (
@@ -36,16 +40,20 @@ from megatron_cla.serving.hf_config import (
     attention_shape,
     model_config_from_hf,
 )
-from megatron_cla.serving.weights import megatron_tensors_from_hf
+from megatron_cla.serving.hf_files import HFTensors
+from megatron_cla.serving.weights import check_hf_names, hf_sources, megatron_tensor_from_hf
 from megatron_cla.training.config import PretrainConfig
+from megatron_cla.training.model import unwrap
 from megatron_cla.training.weights import (
-    fill_model,
-    gpt_parameter_name,
-    model_parameters,
+    adopt_parameters,
+    collectively,
+    empty_model_chunk,
+    global_parameter_names,
+    stage_plan,
     write_weights_only_run,
 )
 
-__all__ = ["ImportResult", "import_hf_model", "read_hf_tensors", "imported_run_config"]
+__all__ = ["ImportResult", "import_hf_model", "imported_run_config"]
 
 
 @dataclass
@@ -67,23 +75,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-def read_hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards its index lists."""
-    from safetensors.torch import load_file
-
-    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if not index.is_file():
-        raise FileNotFoundError(f"{model_dir} has no model.safetensors (nor a sharded index)")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(_read_json(index)["weight_map"].values())):
-        if not (model_dir / shard).is_file():
-            raise FileNotFoundError(f"{model_dir} lacks the shard {shard} its index lists")
-        tensors.update(load_file(str(model_dir / shard)))
-    return tensors
 
 
 def _model_config(hf: dict) -> Any:
@@ -124,64 +115,86 @@ def imported_run_config(hf: dict, out: Path, name: str, tokenizer: Path) -> Pret
     return cfg
 
 
-def _drop_redundant(tensors: dict[str, torch.Tensor], tied: bool) -> None:
-    """Remove what a checkpoint may carry besides the weights: RoPE buffers of older
-    transformers releases, and the output matrix of a tied model saved anyway (it must equal
-    the embedding)."""
-    for name in [n for n in tensors if n.endswith("rotary_emb.inv_freq")]:
-        del tensors[name]
-    head, embedding = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
-    if tied and head is not None:
-        if embedding is None or not torch.equal(head, embedding):
-            raise ValueError(
-                "config.json tie_word_embeddings=true but lm_head.weight differs from "
-                "model.embed_tokens.weight: the tensors do not fit config.json"
-            )
-        del tensors["lm_head.weight"]
+def _ignored(reader: HFTensors) -> set[str]:
+    """What a checkpoint may carry besides the weights: RoPE buffers of older releases."""
+    return {n for n in reader.names() if n.endswith("rotary_emb.inv_freq")}
 
 
-def _check_vocab(hf: dict, tensors: dict[str, torch.Tensor]) -> int:
-    rows = int(hf["vocab_size"])
-    embedding = tensors.get("model.embed_tokens.weight")
-    if embedding is None:
-        raise ValueError("the Hugging Face model has no tensor model.embed_tokens.weight")
-    if embedding.shape[0] != rows:
+def _check_tied(reader: HFTensors, tied: bool) -> set[str]:
+    """The output matrix of a tied model saved anyway must equal the embedding; it is then
+    not read (returns the names to skip)."""
+    if not tied or "lm_head.weight" not in reader:
+        return set()
+    if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
         raise ValueError(
-            f"model.embed_tokens.weight has {embedding.shape[0]} rows, config.json vocab_size "
+            "config.json tie_word_embeddings=true but lm_head.weight differs from "
+            "model.embed_tokens.weight: the tensors do not fit config.json"
+        )
+    return {"lm_head.weight"}
+
+
+def _check_vocab(hf: dict, reader: HFTensors) -> int:
+    rows = int(hf["vocab_size"])
+    if "model.embed_tokens.weight" not in reader:
+        raise ValueError("the Hugging Face model has no tensor model.embed_tokens.weight")
+    found = reader.shape("model.embed_tokens.weight")[0]
+    if found != rows:
+        raise ValueError(
+            f"model.embed_tokens.weight has {found} rows, config.json vocab_size "
             f"{rows}: the tensors do not fit config.json"
         )
     return rows
 
 
-def _plan(cfg: PretrainConfig) -> Any:
-    """The validated one-process fp32 plan of the import (before anything is allocated)."""
-    from megatron_cla.training.plan import make_plan
+def _stage_tensors(
+    reader: HFTensors, cfg: PretrainConfig, plans: tuple, vocab: int, cla: Optional[CLATarget]
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """This rank's model (its stage, parameters unallocated) and the tensors it adopts."""
+    import torch.distributed as dist
 
-    plan_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32"))
-    return make_plan(plan_cfg, 1, torch.cuda.is_available(), te_available=False)
+    from megatron_cla.conversion.grouped import converted_stage_tensors
 
+    source_plan, plan = plans
+    shape = attention_shape(cfg.model)
+    source = empty_model_chunk(source_plan, vocab)  # names and shapes only: never filled
+    names = global_parameter_names(source, cfg.model.arch)
+    sizes = {names[n]: p.shape for n, p in unwrap(source).named_parameters()}
+    del source
+    tied = not cfg.model.untie_embeddings
+    skip = _check_tied(reader, tied) | _ignored(reader)
+    sources = collectively(lambda: hf_sources(list(sizes), shape))
+    if tied and "output_layer.weight" in sources:  # a pipeline's last stage keeps a copy
+        sources["output_layer.weight"] = ["model.embed_tokens.weight"]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sources)
+    whole = {k: v for stage in everyone for k, v in stage.items()}
+    collectively(lambda: check_hf_names(whole, reader.names() - skip))
 
-def _build_and_fill(cfg: PretrainConfig, plan: Any, tensors: dict, vocab: int) -> torch.nn.Module:
-    """The one-process fp32 model holding the HF weights."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    def read(name: str) -> torch.Tensor:
+        return megatron_tensor_from_hf(name, sizes[name], sources[name], reader.get, shape)
 
-    from megatron_cla.training.model import build_model_chunk, unwrap
-
-    model_parallel_cuda_manual_seed(cfg.train.seed)
-    model = build_model_chunk(plan, vocab)
-    rename = gpt_parameter_name(cfg.model.arch)
-    expected = {rename(n): p.shape for n, p in unwrap(model).named_parameters()}
-    values = megatron_tensors_from_hf(tensors, expected, attention_shape(cfg.model))
-    fill_model(model, values, cfg.model.arch)
-    return model
+    if cla is None:
+        return empty_model_chunk(plan, vocab), {name: read(name) for name in sizes}
+    values = converted_stage_tensors(
+        list(sizes),
+        read,
+        shape,
+        source_plan.transformer.cla_sharing,
+        plan.transformer.cla_sharing,
+        cla.kv_init,
+        cla.query_groups,
+    )
+    return empty_model_chunk(plan, vocab), values
 
 
 def import_hf_model(
     model_dir: Path, out: Path, name: Optional[str] = None, cla: Optional[CLATarget] = None
 ) -> ImportResult:
     """Import ``model_dir`` as the run directory ``out``, converted to the sharing ``cla`` when
-    given (:mod:`megatron_cla.conversion.to_cla`). Needs a one-process world, which the caller
-    has started."""
+    given (:mod:`megatron_cla.conversion`). Collective over the world the caller started: one
+    process, or torchrun ranks that each read and write one pipeline stage (the tensors it
+    owns, in the files' dtype)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     model_dir, out = Path(model_dir), Path(out)
@@ -192,18 +205,16 @@ def import_hf_model(
     tokenizer = model_tokenizer(model_dir, hf)
     name = name or f"{model_dir.resolve().name}-imported"
     cfg = imported_run_config(hf, out.resolve(), name, tokenizer)
-    plan = _plan(cfg)
     final_cfg = cfg if cla is None else converted_run_config(cfg, cla, out.resolve())
-    tensors = read_hf_tensors(model_dir)
-    _drop_redundant(tensors, tied=not cfg.model.untie_embeddings)
-    vocab = _check_vocab(hf, tensors)
-    ps.initialize_model_parallel(1, 1)
+    ranks = dist.get_world_size()
+    plans = (stage_plan(cfg, ranks), stage_plan(final_cfg, ranks))
+    reader = HFTensors(model_dir)
+    vocab = _check_vocab(hf, reader)
+    ps.initialize_model_parallel(1, ranks)
     try:
-        model = _build_and_fill(cfg, plan, tensors, vocab)
-        if cla is not None:
-            params = model_parameters(model, cfg.model.arch)
-            sharing = plan.transformer.cla_sharing
-            model = converted_model(params, cfg, sharing, final_cfg, cla, vocab)
+        model, values = _stage_tensors(reader, cfg, plans, vocab, cla)
+        adopt_parameters(model, values.__getitem__, global_parameter_names(model, cfg.model.arch))
+        del values
         path = write_weights_only_run(out, final_cfg, model, tokenizer)
     finally:
         ps.destroy_model_parallel()

@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "PROBES",
+    "check_auto_tokenizer",
     "check_same_encoding",
     "hf_tokenizer_size",
     "write_hf_tokenizer",
@@ -209,3 +210,35 @@ def write_run_tokenizer(tokenizer: Path, out: Path, max_length: int) -> dict[str
     ids = {"bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id}
     ids["pad_token_id"] = hf.pad_token_id
     return {k: v for k, v in ids.items() if v is not None}
+
+
+def _encoder(tokenizer: Path) -> Any:
+    """``text -> ids`` of the run's tokenizer, no special tokens added."""
+    from megatron_cla.data.tokenizer import is_hf_tokenizer
+
+    if not is_hf_tokenizer(tokenizer):
+        return _spm(tokenizer).encode
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer))
+    return lambda text: hf.encode(text, add_special_tokens=False, verbose=False)
+
+
+def check_auto_tokenizer(tokenizer: Path, model_dir: Path) -> None:
+    """Raise ``ValueError`` unless ``AutoTokenizer.from_pretrained(model_dir)`` - which picks its
+    class from the model's ``model_type`` as well as from ``tokenizer_config.json`` - encodes
+    :data:`PROBES` as the run's ``tokenizer`` does."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(model_dir))
+    want = _encoder(tokenizer)
+    for text in PROBES:
+        got = loaded.encode(text, add_special_tokens=False, verbose=False)
+        if got != want(text):
+            model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+            raise ValueError(
+                f"AutoTokenizer loads this {model_type} model's tokenizer as "
+                f"{type(loaded).__name__}, which encodes {text[:40]!r} as {got[:8]}, the run's "
+                f"tokenizer {tokenizer} as {want(text)[:8]}; give the run a tokenizer of that "
+                f"class, or unset model.hf_architecture to export MegatronCLAForCausalLM"
+            )

@@ -34,7 +34,13 @@ import torch
 
 from megatron_cla.conversion.qkv_layout import AttentionShape, join_qkv, split_qkv
 
-__all__ = ["AttentionShape", "hf_tensors_from_megatron", "megatron_tensors_from_hf"]
+__all__ = [
+    "AttentionShape",
+    "check_hf_names",
+    "hf_sources",
+    "hf_tensors_from_megatron",
+    "megatron_tensor_from_hf",
+]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -142,29 +148,41 @@ def _megatron_tensor(
     return tensor
 
 
-def megatron_tensors_from_hf(
-    hf: Tensors, expected: dict[str, torch.Size], shape: AttentionShape
-) -> Tensors:
-    """Megatron parameters named in ``expected`` (name -> shape) from HF tensors ``hf``.
-
-    Raises ``ValueError`` naming missing, unused or mis-shaped tensors."""
+def hf_sources(names: list[str], shape: AttentionShape) -> dict[str, list[str]]:
+    """Megatron parameter -> the HF tensors it is made of; ``ValueError`` naming the parameters
+    that have no counterpart."""
     fused, out, bad = _fused(shape), {}, []
-    needed: set[str] = set()
-    for name, size in expected.items():
+    for name in names:
         try:
-            sources = _hf_names(name, fused)
+            out[name] = _hf_names(name, fused)
         except KeyError:
             bad.append(name)
-            continue
-        needed.update(sources)
-        if missing := [s for s in sources if s not in hf]:
-            raise ValueError(f"the Hugging Face model has no tensor {missing[0]} (for {name})")
-        out[name] = _megatron_tensor(name, size, [hf[s] for s in sources], sources, fused)
     if bad:
         raise _unmappable(bad)
-    if unused := sorted(set(hf) - needed):
+    return out
+
+
+def check_hf_names(sources: dict[str, list[str]], available: set[str]) -> None:
+    """``ValueError`` for an HF tensor the Megatron model needs and the files lack, or one the
+    files have and the model has no place for (``sources`` of the whole model)."""
+    for name, parts in sources.items():
+        if missing := [s for s in parts if s not in available]:
+            raise ValueError(f"the Hugging Face model has no tensor {missing[0]} (for {name})")
+    needed = {s for parts in sources.values() for s in parts}
+    if unused := sorted(available - needed):
         raise ValueError(
             f"the Hugging Face model has tensors this config has no place for: {unused[:5]}; "
             f"config.json does not describe these weights"
         )
-    return out
+
+
+def megatron_tensor_from_hf(
+    name: str,
+    size: torch.Size,
+    sources: list[str],
+    read: Callable[[str], torch.Tensor],
+    shape: AttentionShape,
+) -> torch.Tensor:
+    """Megatron parameter ``name`` of shape ``size`` from its HF ``sources``, each read once."""
+    parts = [read(s) for s in sources]
+    return _megatron_tensor(name, size, parts, sources, _fused(shape))

@@ -23,7 +23,17 @@ __all__ = [
     "LoggingConfig",
     "PretrainConfig",
     "load_config",
+    "HF_MODEL_TYPES",
 ]
+
+HF_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+"""The stock Hugging Face architectures import-hf reads and export-hf writes -> their
+``model_type``."""
 
 
 @dataclass
@@ -54,6 +64,9 @@ class ModelConfig:
     """MLP width; default 4 x hidden (GeLU) or 8/3 x hidden rounded to 64 (SwiGLU)."""
     seq_length: int = 256
     """Training sequence length (tokens)."""
+    max_position_embeddings: Optional[int] = None
+    """Positions the model is meant to serve (``config.json``'s ``max_position_embeddings`` on
+    export; RoPE itself has no limit); default seq_length. import-hf keeps the source model's."""
     swiglu: bool = True
     """Gated SiLU MLP (SwiGLU) instead of GeLU."""
     normalization: str = "RMSNorm"
@@ -75,6 +88,10 @@ class ModelConfig:
     """Std of the normal weight initialisation."""
     untie_embeddings: bool = False
     """Separate output layer instead of reusing the input embedding."""
+    hf_architecture: Optional[str] = None
+    """The stock Hugging Face architecture the model was imported from (import-hf sets it: one
+    of ``HF_MODEL_TYPES``). export-hf writes the model back as that architecture (no remote code)
+    while every layer computes its own K/V; a CLA model, or None, as ``MegatronCLAForCausalLM``."""
     dropout: float = 0.0
     """Hidden and attention dropout."""
     cla_share_factor: int = 1

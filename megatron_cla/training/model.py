@@ -68,10 +68,11 @@ def _hybrid_model(plan: RunPlan, common: dict[str, Any]) -> torch.nn.Module:
 
 
 def build_model_chunk(
-    plan: RunPlan, padded_vocab: int, vp_stage: Optional[int] = None
+    plan: RunPlan, padded_vocab: int, vp_stage: Optional[int] = None, on_cpu: bool = False
 ) -> torch.nn.Module:
     """One model chunk of this rank with the CLA specs: ``GPTModel`` or ``HybridModel`` as
-    ``model.arch`` says (in ``Float16Module`` unless fp32)."""
+    ``model.arch`` says (in ``Float16Module`` unless fp32), on this rank's GPU if it has one and
+    ``on_cpu`` is not set."""
     m = plan.config.model
     common = dict(
         vocab_size=padded_vocab,
@@ -92,7 +93,7 @@ def build_model_chunk(
         scaling = m.rope_scaling_factor
         rope = dict(rope_scaling=scaling is not None, rope_scaling_factor=scaling or 8.0)
         model = GPTModel(plan.transformer, spec, **common, **rope)
-    model = model.to(_device())
+    model = model.to(torch.device("cpu") if on_cpu else _device())
     if plan.dtype != torch.float32:
         from megatron.core.transformer.module import Float16Module
 

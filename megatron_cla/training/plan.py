@@ -15,7 +15,7 @@ import torch
 
 from megatron_cla._compat import FP8_RECIPES, fp8_recipe_support, transformer_engine_available
 from megatron_cla.config import CLATransformerConfig
-from megatron_cla.training.config import PretrainConfig
+from megatron_cla.training.config import HF_MODEL_TYPES, PretrainConfig
 
 __all__ = ["RunPlan", "make_plan"]
 
@@ -210,6 +210,16 @@ def _architecture(cfg: PretrainConfig, use_te: bool, on_gpu: bool) -> dict[str, 
         f"model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 (or unset)",
     )
     _require(m.norm_epsilon > 0, f"model.norm_epsilon={m.norm_epsilon} must be > 0")
+    _require(
+        m.max_position_embeddings is None or m.max_position_embeddings >= m.seq_length,
+        f"model.max_position_embeddings={m.max_position_embeddings} is below model.seq_length="
+        f"{m.seq_length}; raise it or unset it",
+    )
+    _require(
+        m.hf_architecture is None or (m.hf_architecture in HF_MODEL_TYPES and m.arch == "gpt"),
+        f"model.hf_architecture={m.hf_architecture!r} (arch {m.arch}): use one of "
+        f"{sorted(HF_MODEL_TYPES)} with arch gpt, or unset it",
+    )
     if m.arch == "hybrid":
         _require(
             m.rope_scaling_factor is None,

@@ -4,8 +4,9 @@ Self-contained: this file is copied next to ``config.json`` and loaded with
 ``trust_remote_code=True``; it needs only ``transformers``.
 
 The decoder is Megatron-Core's GPT layer stack as megatron-cla trains it: pre-norm layers of
-self-attention and an MLP, RoPE (rotate-half, full head), optional per-head q/k norms applied
-before RoPE, no biases in the linear layers. Layers listed in ``cla_producer_layers`` compute
+self-attention and an MLP, RoPE (rotate-half, full head; optionally with Llama 3.1's scaling of
+the long wavelengths), optional per-head q/k norms applied before RoPE, biases only on the q/k/v
+projections and only if ``qkv_bias``. Layers listed in ``cla_producer_layers`` compute
 keys and values; every other layer (a consumer) computes only queries and attends over the K/V of
 the nearest producer before it, so only producer layers hold a KV cache.
 """
@@ -18,6 +19,7 @@ from transformers import PretrainedConfig
 
 _NORMS = ("rmsnorm", "layernorm")
 _ACTIVATIONS = ("silu", "gelu")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 class MegatronCLAConfig(PretrainedConfig):
@@ -38,13 +40,17 @@ class MegatronCLAConfig(PretrainedConfig):
         norm_type: ``rmsnorm`` or ``layernorm`` (LayerNorm has a bias, RMSNorm does not).
         norm_eps: epsilon of every norm.
         qk_norm: per-head norms (of ``norm_type``) on queries and keys, before RoPE.
+        qkv_bias: the query, key and value projections have biases (Qwen2).
         rope_theta: RoPE base.
-        max_position_embeddings: the training sequence length.
+        rope_llama3_scaling: Llama 3.1's RoPE scaling (``factor``, ``low_freq_factor``,
+            ``high_freq_factor``, ``original_max_position_embeddings``), or None for plain RoPE.
+        max_position_embeddings: positions the model is meant to serve.
         cla_producer_layers: 0-based layers that compute K/V (must include 0); default: all.
         tie_word_embeddings: the output layer reuses the input embedding.
         initializer_range: std of the normal initialisation of fresh weights.
-        megatron_cla: how the model was trained (``arch``, ``hybrid_layer_pattern``), kept
-            so that the model can be imported back into the same Megatron model family.
+        megatron_cla: how the model was trained (``arch``, ``hybrid_layer_pattern``, the
+            ``hf_architecture`` it was imported from), kept so that the model can be imported
+            back into the same Megatron model family.
     """
 
     model_type = "megatron_cla"
@@ -65,7 +71,9 @@ class MegatronCLAConfig(PretrainedConfig):
         norm_type: str = "rmsnorm",
         norm_eps: float = 1e-5,
         qk_norm: bool = False,
+        qkv_bias: bool = False,
         rope_theta: float = 10000.0,
+        rope_llama3_scaling: Optional[dict[str, float]] = None,
         max_position_embeddings: int = 256,
         cla_producer_layers: Optional[list[int]] = None,
         tie_word_embeddings: bool = True,
@@ -87,7 +95,9 @@ class MegatronCLAConfig(PretrainedConfig):
         self.norm_type = norm_type
         self.norm_eps = norm_eps
         self.qk_norm = qk_norm
+        self.qkv_bias = qkv_bias
         self.rope_theta = rope_theta
+        self.rope_llama3_scaling = dict(rope_llama3_scaling) if rope_llama3_scaling else None
         self.max_position_embeddings = max_position_embeddings
         if cla_producer_layers is None:
             cla_producer_layers = range(num_hidden_layers)
@@ -119,6 +129,9 @@ class MegatronCLAConfig(PretrainedConfig):
                 f"tokenizer_vocab_size={self.tokenizer_vocab_size} must be in 1..vocab_size="
                 f"{self.vocab_size}"
             )
+        scaling = self.rope_llama3_scaling
+        if scaling is not None and set(scaling) != set(_LLAMA3_KEYS):
+            problems.append(f"rope_llama3_scaling={scaling} must have the keys {_LLAMA3_KEYS}")
         if problems:
             raise ValueError("invalid MegatronCLAConfig: " + "; ".join(problems))
 

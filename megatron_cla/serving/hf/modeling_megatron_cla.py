@@ -55,6 +55,17 @@ def _norm(config: MegatronCLAConfig, size: int) -> MegatronCLANorm:
     return MegatronCLANorm(size, config.norm_type, config.norm_eps)
 
 
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, float]) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: wavelengths longer than ``original / low_freq_factor`` are
+    stretched by ``factor``, those shorter than ``original / high_freq_factor`` kept, and the
+    band between interpolated smoothly."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
 class MegatronCLARotary(nn.Module):
     """Rotate-half RoPE over the whole head, as Megatron's ``RotaryEmbedding`` (frequencies are
     recomputed per call: cheap, and nothing to initialise when weights are loaded)."""
@@ -62,11 +73,14 @@ class MegatronCLARotary(nn.Module):
     def __init__(self, config: MegatronCLAConfig) -> None:
         super().__init__()
         self.head_dim, self.theta = config.head_dim, config.rope_theta
+        self.scaling = config.rope_llama3_scaling
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of shape [batch, 1, tokens, head_dim] for integer ``positions``."""
         steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device)
         inv_freq = 1.0 / (self.theta ** (steps / self.head_dim))
+        if self.scaling is not None:
+            inv_freq = _llama3_scaled(inv_freq, self.scaling)
         freqs = positions.float()[..., None] * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         return angles.cos(), angles.sin()
@@ -87,11 +101,11 @@ class MegatronCLAAttention(nn.Module):
         self.produces_kv = self.kv_source == layer_idx
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
-        hidden, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(hidden, self.heads * d, bias=False)
+        hidden, d, bias = config.hidden_size, config.head_dim, config.qkv_bias
+        self.q_proj = nn.Linear(hidden, self.heads * d, bias=bias)
         if self.produces_kv:
-            self.k_proj = nn.Linear(hidden, self.kv_heads * d, bias=False)
-            self.v_proj = nn.Linear(hidden, self.kv_heads * d, bias=False)
+            self.k_proj = nn.Linear(hidden, self.kv_heads * d, bias=bias)
+            self.v_proj = nn.Linear(hidden, self.kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.heads * d, hidden, bias=False)
         self.q_norm = _norm(config, d) if config.qk_norm else None
         self.k_norm = _norm(config, d) if config.qk_norm and self.produces_kv else None
@@ -173,6 +187,8 @@ class MegatronCLAPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, MegatronCLANorm):
             nn.init.ones_(module.weight)
             if module.bias is not None:

@@ -54,6 +54,15 @@ def _norm(config: Any, size: int) -> nn.Module:
     return RMSNorm(size, eps=config.norm_eps)
 
 
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """vLLM's ``get_rope`` parameters: plain RoPE or Llama 3.1's scaling."""
+    params = {"rope_type": "default", "rope_theta": config.rope_theta}
+    scaling = getattr(config, "rope_llama3_scaling", None)  # exports before 0.5 lack the field
+    if scaling:
+        params.update(rope_type="llama3", **scaling)
+    return params
+
+
 def kv_sharing_target(prefix: str, producer: int) -> str:
     """The attention module name of layer ``producer`` next to ``prefix`` (``...layers.N.
     self_attn``), the name vLLM's ``kv_sharing_target_layer_name`` expects."""
@@ -70,14 +79,14 @@ class MegatronCLAAttention(nn.Module):
         producer = config.cla_kv_source[layer]
         self.produces_kv = producer == layer
         heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        hidden = config.hidden_size
+        hidden, bias = config.hidden_size, getattr(config, "qkv_bias", False)  # as above
         if self.produces_kv:
             self.qkv_proj = QKVParallelLinear(
-                hidden, d, heads, kv_heads, bias=False, prefix=f"{prefix}.qkv_proj"
+                hidden, d, heads, kv_heads, bias=bias, prefix=f"{prefix}.qkv_proj"
             )
         else:
             self.q_proj = ColumnParallelLinear(
-                hidden, heads * d, bias=False, prefix=f"{prefix}.q_proj"
+                hidden, heads * d, bias=bias, prefix=f"{prefix}.q_proj"
             )
         self.o_proj = RowParallelLinear(heads * d, hidden, bias=False, prefix=f"{prefix}.o_proj")
         tp = self.o_proj.tp_size
@@ -89,7 +98,7 @@ class MegatronCLAAttention(nn.Module):
             d,
             max_position=config.max_position_embeddings,
             is_neox_style=True,  # rotate-half, as Megatron
-            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+            rope_parameters=rope_parameters(config),
         )
         self.attn = Attention(
             self.local_heads,
