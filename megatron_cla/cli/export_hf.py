@@ -37,14 +37,13 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--max-shard-size",
         type=shard_size,
-        default=MAX_SHARD_BYTES,
-        help="largest weights file, e.g. 5GB (default) or 500MB",
+        default=None,
+        help="largest weights file, e.g. 500MB (default: 5GB, Hugging Face's)",
     )
     parser.add_argument("--verbose", action="store_true", help="show library warnings")
     return parser.parse_args(argv)
 
 
-MAX_SHARD_BYTES = 5 * 10**9
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 

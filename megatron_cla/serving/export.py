@@ -136,13 +136,14 @@ def export_checkpoint(
     dtype: str = "fp32",
     iteration: Optional[int] = None,
     tokenizer: Optional[Path] = None,
-    max_shard_bytes: int = MAX_SHARD_BYTES,
+    max_shard_bytes: Optional[int] = None,
 ) -> ExportResult:
     """Export a launcher checkpoint (run, ``checkpoints`` or ``iter_`` directory) to ``out``:
     an imported model without CLA as its stock architecture, any other model as
     ``MegatronCLAForCausalLM``. Collective over the world the caller started: one process, or
     torchrun ranks that each load one pipeline stage (in the checkpoint's dtype) and stream it
-    into their own safetensors shards of at most ``max_shard_bytes``."""
+    into their own safetensors shards of at most ``max_shard_bytes`` (default
+    :data:`~megatron_cla.serving.hf_files.MAX_SHARD_BYTES`)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -166,7 +167,8 @@ def export_checkpoint(
     ps.initialize_model_parallel(1, dist.get_world_size())
     try:
         model = load_stage(checkpointer, iteration, plan)
-        written = _stream_weights(model, cfg, staging, DTYPES[dtype], max_shard_bytes)
+        limit = max_shard_bytes or MAX_SHARD_BYTES
+        written = _stream_weights(model, cfg, staging, DTYPES[dtype], limit)
         del model
         shards = [None] * dist.get_world_size()
         dist.all_gather_object(shards, written)
