@@ -129,7 +129,6 @@ def convert_run_to_cla(
         empty_model_chunk,
         global_parameter_names,
         load_stage,
-        one_process_config,
         saved_run_config,
         stage_plan,
         write_weights_only_run,
@@ -143,8 +142,8 @@ def convert_run_to_cla(
     _check_gpt_like(cfg.model)
     new_cfg = converted_run_config(cfg, target, out.resolve())
     ranks = dist.get_world_size()
-    source_plan = stage_plan(one_process_config(cfg), ranks)
-    plan = stage_plan(one_process_config(new_cfg), ranks)
+    source_plan = stage_plan(cfg, ranks)
+    plan = stage_plan(new_cfg, ranks)
     ps.initialize_model_parallel(1, ranks)
     try:
         source = load_stage(checkpointer, iteration, source_plan)

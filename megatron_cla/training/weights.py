@@ -56,16 +56,15 @@ def gpt_parameter_name(arch: str) -> Callable[[str], str]:
 
 
 def stage_plan(cfg: PretrainConfig, ranks: int) -> Any:
-    """The validated fp32 plan of ``ranks`` pipeline stages (one per rank), before anything is
-    allocated: the layers must split evenly and, for CLA, every stage start on a producer."""
+    """The validated fp32 plan of ``cfg`` laid out as :func:`one_process_config` lays it out,
+    but over ``ranks`` pipeline stages (one per rank), before anything is allocated: the layers
+    must split evenly and, for CLA, every stage start on a producer."""
     from megatron_cla.training.plan import make_plan
 
     if ranks > 1 and cfg.model.arch != "gpt":
         raise ValueError(f"model.arch={cfg.model.arch!r}: run this on one process")
-    parallel = dataclasses.replace(cfg.parallel, tensor=1, pipeline=ranks, context=1)
-    parallel = dataclasses.replace(parallel, virtual_pipeline=None, pipeline_layout=None)
-    train = dataclasses.replace(cfg.train, precision="fp32", fp8=None)
-    plan_cfg = dataclasses.replace(cfg, parallel=parallel, train=train)
+    plan_cfg = one_process_config(cfg)
+    plan_cfg.parallel = dataclasses.replace(plan_cfg.parallel, pipeline=ranks)
     return make_plan(plan_cfg, ranks, on_gpu=False, te_available=False)  # weights stay on CPUs
 
 
