@@ -126,9 +126,9 @@ def convert_gpt_checkpoint(
     (``config.yaml`` and ``checkpoints/``; written in a temporary directory, renamed when
     complete), so that ``megatron-cla pretrain --config out/config.yaml`` resumes it.
     Needs a one-process world, which the caller has started. Returns (checkpoint, config)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from megatron_cla.runtime.distributed import megatron_parallel_state
     from megatron_cla.training.checkpoint import Checkpointer
     from megatron_cla.training.model import resumed_vocab_size
     from megatron_cla.training.run_dir import find_checkpoint
@@ -149,16 +149,13 @@ def convert_gpt_checkpoint(
         )
     twin = hybrid_twin_config(gpt_cfg, out.resolve())
     vocab = resumed_vocab_size(checkpointer.saved_vocab_size(iteration), 1)
-    ps.initialize_model_parallel(1, 1)
-    try:
+    with megatron_parallel_state(1, 1):
         model_parallel_cuda_manual_seed(gpt_cfg.train.seed)
         gpt = _build(_one_process(gpt_cfg), vocab)
         state = checkpointer.load(iteration, gpt[1], gpt[2], gpt[3])
         hybrid = _build(_one_process(twin), vocab)
         _transfer(gpt, hybrid)
         _save_atomically(out, state, hybrid, twin, checkpointer.path(iteration))
-    finally:
-        ps.destroy_model_parallel()
     return Checkpointer(out / "checkpoints").path(state.iteration), twin
 
 

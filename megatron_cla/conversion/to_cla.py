@@ -119,9 +119,9 @@ def convert_run_to_cla(
     conversion does not change are passed on, not copied). Returns the new checkpoint and
     config."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from megatron_cla.conversion.grouped import converted_stage_tensors
+    from megatron_cla.runtime.distributed import megatron_parallel_state
     from megatron_cla.training.model import unwrap
     from megatron_cla.training.run_dir import find_checkpoint
     from megatron_cla.training.weights import (
@@ -144,8 +144,7 @@ def convert_run_to_cla(
     ranks = dist.get_world_size()
     source_plan = stage_plan(cfg, ranks)
     plan = stage_plan(new_cfg, ranks)
-    ps.initialize_model_parallel(1, ranks)
-    try:
+    with megatron_parallel_state(1, ranks):
         source = load_stage(checkpointer, iteration, source_plan)
         names = global_parameter_names(source, cfg.model.arch)
         params = {names[n]: p.detach() for n, p in unwrap(source).named_parameters()}
@@ -163,6 +162,4 @@ def convert_run_to_cla(
         adopt_parameters(model, values.pop, global_parameter_names(model, cfg.model.arch))
         tokenizer = None if cfg.data.tokenizer is None else Path(cfg.data.tokenizer)
         path = write_weights_only_run(out, new_cfg, model, tokenizer)
-    finally:
-        ps.destroy_model_parallel()
     return path, new_cfg

@@ -145,8 +145,8 @@ def export_checkpoint(
     into their own safetensors shards of at most ``max_shard_bytes`` (default
     :data:`~megatron_cla.serving.hf_files.MAX_SHARD_BYTES`)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
+    from megatron_cla.runtime.distributed import megatron_parallel_state
     from megatron_cla.training.run_dir import find_checkpoint, run_tokenizer_path
     from megatron_cla.training.weights import load_stage, one_process_config, saved_run_config
 
@@ -164,12 +164,12 @@ def export_checkpoint(
         run_cfg, plan, checkpointer.saved_vocab_size(iteration), dtype, tokenizer
     )
     staging = shared_staging(out)
-    ps.initialize_model_parallel(1, dist.get_world_size())
     try:
-        model = load_stage(checkpointer, iteration, plan)
-        limit = max_shard_bytes or MAX_SHARD_BYTES
-        written = _stream_weights(model, cfg, staging, DTYPES[dtype], limit)
-        del model
+        with megatron_parallel_state(1, dist.get_world_size()):
+            model = load_stage(checkpointer, iteration, plan)
+            limit = max_shard_bytes or MAX_SHARD_BYTES
+            written = _stream_weights(model, cfg, staging, DTYPES[dtype], limit)
+            del model
         shards = [None] * dist.get_world_size()
         dist.all_gather_object(shards, written)
         if dist.get_rank() == 0:
@@ -178,7 +178,6 @@ def export_checkpoint(
             staging.rename(out)
         dist.barrier()
     finally:
-        ps.destroy_model_parallel()
         if dist.get_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
     producers = [p - 1 for p in plan.transformer.cla_sharing.producer_layers]

@@ -195,7 +195,8 @@ def import_hf_model(
     process, or torchrun ranks that each read and write one pipeline stage (the tensors it
     owns, in the files' dtype)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+
+    from megatron_cla.runtime.distributed import megatron_parallel_state
 
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -210,12 +211,9 @@ def import_hf_model(
     plans = (stage_plan(cfg, ranks), stage_plan(final_cfg, ranks))
     reader = HFTensors(model_dir)
     vocab = _check_vocab(hf, reader)
-    ps.initialize_model_parallel(1, ranks)
-    try:
+    with megatron_parallel_state(1, ranks):
         model, values = _stage_tensors(reader, cfg, plans, vocab, cla)
         adopt_parameters(model, values.__getitem__, global_parameter_names(model, cfg.model.arch))
         del values
         path = write_weights_only_run(out, final_cfg, model, tokenizer)
-    finally:
-        ps.destroy_model_parallel()
     return ImportResult(out, path, final_cfg)

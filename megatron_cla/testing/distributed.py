@@ -76,34 +76,19 @@ def model_parallel(
     **kwargs: Any,
 ) -> Iterator[None]:
     """Megatron parallel state (and seeded RNG tracker) for the duration of the block."""
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    parallel_state.destroy_model_parallel()
-    before = set(_process_groups())
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    from megatron_cla.runtime.distributed import megatron_parallel_state
+
+    with megatron_parallel_state(
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         **kwargs,
-    )
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-    try:
+    ):
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
         yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        # Megatron forgets its groups but never destroys them: each gloo group keeps its
-        # threads, and a test process that builds hundreds of parallel states would pile up
-        # thousands of them (and crawl). Destroy the groups this block created.
-        for group in set(_process_groups()) - before:
-            dist.destroy_process_group(group)
-
-
-def _process_groups() -> list:
-    """Every process group of this process except the default one."""
-    world = dist.distributed_c10d._world
-    return [g for g in world.pg_map if g is not dist.GroupMember.WORLD]
 
 
 class RankFailure(RuntimeError):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_cla.accounting import DecoderShape, kv_cache_bytes_per_token
-from megatron_cla.runtime.distributed import init_distributed
+from megatron_cla.runtime.distributed import init_distributed, megatron_parallel_state
 from megatron_cla.sharing import KVSharing
 from megatron_cla.training.config import PretrainConfig
 
@@ -115,6 +115,29 @@ def _count_parameters(chunks: list) -> int:
 
 def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     """Run a whole pretraining job in this (already launched) process; returns final val ppl."""
+    from megatron_cla.training.plan import make_plan
+
+    on_gpu = torch.cuda.is_available()
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    plan = make_plan(cfg, world, on_gpu)  # before any allocation
+    started_here = init_distributed(on_gpu)
+    p = cfg.parallel
+    with megatron_parallel_state(
+        p.tensor,
+        p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context,
+    ):
+        val_ppl = _train_in_parallel_state(cfg, plan, on_gpu)
+        dist.barrier()
+    if started_here:
+        dist.destroy_process_group()
+    return val_ppl
+
+
+def _train_in_parallel_state(cfg: PretrainConfig, plan: RunPlan, on_gpu: bool) -> Optional[float]:
+    """Build the run (data, model, optimizer, checkpoint to resume) and train it; returns the
+    final validation perplexity."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -130,16 +153,8 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
         padded_vocab_size,
         resumed_vocab_size,
     )
-    from megatron_cla.training.plan import make_plan
 
-    on_gpu = torch.cuda.is_available()
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-    plan = make_plan(cfg, world, on_gpu)  # before any allocation
-    started_here = init_distributed(on_gpu)
     p = cfg.parallel
-    ps.initialize_model_parallel(
-        p.tensor, p.pipeline, p.virtual_pipeline, context_parallel_size=p.context
-    )
     model_parallel_cuda_manual_seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.logging.run_dir)
@@ -197,8 +212,4 @@ def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
     )
     val_ppl = train(run)
     reporter.summary(cfg.name, run.state.iteration, val_ppl, params)
-    dist.barrier()
-    ps.destroy_model_parallel()
-    if started_here:
-        dist.destroy_process_group()
     return val_ppl

@@ -196,18 +196,14 @@ def load_parameters(cfg: PretrainConfig, checkpointer: Any, iteration: int) -> t
     """The checkpoint's parameters in one process (``cfg`` laid out by
     :func:`one_process_config`), GPT-named, in the dtype they were saved in, and their plan.
     Needs a one-process world."""
-    from megatron.core import parallel_state as ps
-
+    from megatron_cla.runtime.distributed import megatron_parallel_state
     from megatron_cla.training.model import unwrap
 
     plan = stage_plan(cfg, 1)
-    ps.initialize_model_parallel(1, 1)
-    try:
+    with megatron_parallel_state(1, 1):
         model = load_stage(checkpointer, iteration, plan)
         names = global_parameter_names(model, cfg.model.arch)
         return {names[n]: p.detach() for n, p in unwrap(model).named_parameters()}, plan
-    finally:
-        ps.destroy_model_parallel()
 
 
 def shared_staging(out: Path) -> Path:
