@@ -163,6 +163,9 @@ class TrainConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
+    max_skipped_steps: int = 5
+    """A step whose loss or gradient norm is NaN/Inf is skipped (no update; its log line says
+    so); this many such steps in a row stop the run with exit status 1 (0: stop at the first)."""
     seed: int = 1234
     """Model-initialisation and dropout seed (data order has its own, data.seed)."""
     precision: str = "auto"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -16,7 +17,7 @@ from megatron_cla.training.checkpoint import Checkpointer, TrainState
 from megatron_cla.training.metrics import RunReporter
 from megatron_cla.training.plan import RunPlan
 
-__all__ = ["Run", "train"]
+__all__ = ["DivergedRun", "Run", "train"]
 
 
 @dataclass
@@ -78,17 +79,48 @@ def evaluate(run: Run) -> float:
     return _mean_loss(reports)
 
 
-def _train_step(run: Run) -> tuple[float, Optional[float]]:
+class DivergedRun(ValueError):
+    """Too many steps in a row had a non-finite loss or gradient (``train.max_skipped_steps``),
+    or the weights themselves are no longer finite."""
+
+
+def _all_finite(tensors: Any) -> bool:
+    """Whether every tensor on every rank is finite (collective: all ranks get the same
+    answer, so all of them skip, stop or save together)."""
+    flag = torch.ones(1, device=_device())
+    for tensor in tensors:
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            flag.zero_()
+            break
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gradients(run: Run) -> Any:
+    for chunk in run.chunks:
+        for param in chunk.parameters():
+            yield getattr(param, "main_grad", param.grad)
+
+
+def _train_step(run: Run) -> tuple[float, Optional[float], bool]:
+    """One step: (mean loss, gradient norm, whether the update was applied). A step whose loss
+    or gradients are not finite changes no weight and no optimizer state."""
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
     reports = _schedule(run, run.train_stream.step(run.plan.num_microbatches), False)
+    loss = _mean_loss(reports)
+    run.state.iteration += 1
+    run.state.consumed_samples = run.train_stream.consumed_samples
+    # fp16: Megatron's loss scaler skips a step whose scaled gradients overflow and lowers the
+    # scale (the first steps do that by design); it is not a failure of the run.
+    scaled = run.plan.dtype == torch.float16
+    if not math.isfinite(loss) or not (scaled or _all_finite(_gradients(run))):
+        return loss, None, False
     updated, grad_norm, _ = run.optimizer.step()
     if updated:
         run.scheduler.step(increment=run.plan.config.train.global_batch_size)
-    run.state.iteration += 1
-    run.state.consumed_samples = run.train_stream.consumed_samples
-    return _mean_loss(reports), (None if grad_norm is None else float(grad_norm))
+    return loss, (None if grad_norm is None else float(grad_norm)), True
 
 
 def _due(step: int, interval: int, last: int) -> bool:
@@ -112,25 +144,50 @@ class _StopRequest:
         return bool(flag.item())
 
 
+def _last_good(run: Run) -> str:
+    """Where the run can resume from, for an error message."""
+    if run.checkpointer is None or not run.checkpointer.complete_iterations():
+        return "no checkpoint was written"
+    newest = run.checkpointer.complete_iterations()[-1]
+    return f"the newest checkpoint, {run.checkpointer.path(newest)}, has finite weights"
+
+
+def _save(run: Run, step: int, config_dict: dict) -> None:
+    """Save a checkpoint, but never one with non-finite weights (retention would then delete
+    a good one): stop the run instead."""
+    if not _all_finite(p for chunk in run.chunks for p in chunk.parameters()):
+        raise DivergedRun(
+            f"step {step}: the weights are not finite, so no checkpoint was written; "
+            f"{_last_good(run)}; lower train.lr"
+        )
+    path = run.checkpointer.save(run.state, run.chunks, run.optimizer, run.scheduler, config_dict)
+    run.reporter.print(f"step {step} | saved checkpoint {path}")
+
+
 def train(run: Run) -> Optional[float]:
     """Train to ``train.train_iters``; returns the final validation perplexity."""
     cfg = run.plan.config
     last, val_ppl, stop = cfg.train.train_iters, None, _StopRequest()
     config_dict = asdict(cfg)
+    skipped = 0
     while run.state.iteration < last:
-        loss, grad_norm = _train_step(run)
+        loss, grad_norm, updated = _train_step(run)
         step = run.state.iteration
-        run.reporter.step(step, loss, run.optimizer.param_groups[0]["lr"], grad_norm)
+        skipped = 0 if updated else skipped + 1
+        run.reporter.step(step, loss, run.optimizer.param_groups[0]["lr"], grad_norm, updated)
+        if skipped > cfg.train.max_skipped_steps:
+            raise DivergedRun(
+                f"step {step}: {skipped} steps in a row had a non-finite loss or gradient "
+                f"(train.max_skipped_steps={cfg.train.max_skipped_steps}); "
+                f"{_last_good(run)}; lower train.lr or raise train.warmup_iters"
+            )
         if _due(step, cfg.logging.eval_interval, last):
             val_ppl = run.reporter.evaluation(step, evaluate(run))
         stopping = stop.agreed()
         if run.checkpointer is not None and (
             _due(step, cfg.checkpoint.save_interval, last) or stopping
         ):
-            path = run.checkpointer.save(
-                run.state, run.chunks, run.optimizer, run.scheduler, config_dict
-            )
-            run.reporter.print(f"step {step} | saved checkpoint {path}")
+            _save(run, step, config_dict)
         if stopping:
             run.reporter.print(f"step {step} | stop requested: checkpoint saved, exiting")
             break

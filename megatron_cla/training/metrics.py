@@ -91,16 +91,27 @@ class RunReporter:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key.replace("_", " "), value, row["step"])
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: Optional[float]) -> None:
-        """Record one optimizer step; print a line every ``log_interval`` steps."""
-        self.window.append(loss)
+    def step(
+        self, step: int, loss: float, lr: float, grad_norm: Optional[float], updated: bool = True
+    ) -> None:
+        """Record one optimizer step; print a line every ``log_interval`` steps, and for every
+        step skipped because its loss or gradients were not finite."""
         self.steps_run += 1
+        if updated:
+            self.window.append(loss)
         if not self.active:
             return
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}")
-        self._record({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        self._record(row if updated else {**row, "skipped": True})
+        if not updated:
+            self.print(
+                f"step {step}/{self.total} | loss {loss:.4f} | skipped: non-finite loss or "
+                f"gradient, no update"
+            )
+            return
         if step % self.log_interval and step != self.total:
             return
         elapsed = time.perf_counter() - self.window_start

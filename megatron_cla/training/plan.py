@@ -359,6 +359,11 @@ def make_plan(
         f"train.min_lr={t.min_lr} must be in (0, lr={t.lr}]",
     )
     _require(
+        t.max_skipped_steps >= 0,
+        f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0 (0 stops at the first "
+        f"non-finite step)",
+    )
+    _require(
         t.lr_decay_style in ("cosine", "linear", "constant"),
         f"train.lr_decay_style={t.lr_decay_style!r}: use cosine, linear or constant",
     )
