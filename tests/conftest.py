@@ -1,7 +1,9 @@
 """Test setup: CPU/gloo harness where no GPU exists; one in-process rank for single-rank tests."""
 
+import gc
 import os
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -58,16 +60,27 @@ def single_rank():
         yield
 
 
+THREADS_BEFORE_COLLECTING = 64
+"""Threads of the test process above which a finished test's garbage is collected at once."""
+
+
 @pytest.fixture(autouse=True)
 def no_process_group_left_behind():
-    """Fail a test after which process groups other than the world stay alive in the test
-    process. Megatron forgets its groups without destroying them, and each gloo group keeps its
-    threads polling: a few hundred such leftovers made a whole CI run three times slower. The
-    groups are destroyed here so that one leak does not slow every test after it."""
+    """Fail a test after which process groups other than the world stay registered in the test
+    process, and free the destroyed ones' threads.
+
+    Megatron forgets its groups without destroying them, and each gloo group keeps threads
+    polling its sockets until the group object is freed. Models hold their groups in reference
+    cycles, which only Python's cyclic garbage collector frees, and rarely: a few hundred
+    groups' threads piled up over the suite made a whole CI run three times slower. So the
+    groups are destroyed here if a test left them, and the garbage is collected whenever the
+    process holds more threads than a test needs."""
     yield
     leaked = live_process_groups()
     for group in leaked:
         dist.destroy_process_group(group)
+    if psutil.Process().num_threads() > THREADS_BEFORE_COLLECTING:
+        gc.collect()
     if leaked:
         pytest.fail(
             f"{len(leaked)} process group(s) left alive by this test (or the library code it "
