@@ -21,7 +21,7 @@ import torch
 
 from megatron_cla.conversion.cla_weights import check_merges_groups, pool_kv_heads, share_kv
 from megatron_cla.conversion.qkv_layout import attention_shape
-from megatron_cla.training.config import ModelConfig, PretrainConfig
+from megatron_cla.training.config import ModelConfig, PretrainConfig, UptrainConfig
 
 __all__ = [
     "CLATarget",
@@ -97,6 +97,7 @@ def converted_run_config(cfg: PretrainConfig, target: CLATarget, out: Path) -> P
     new = dataclasses.replace(cfg, name=f"{cfg.name}-cla", model=model)
     new.logging = dataclasses.replace(cfg.logging, run_dir=str(out))
     new.checkpoint = dataclasses.replace(cfg.checkpoint, dir=None, load_iteration=None)
+    new.uptrain = UptrainConfig()  # how to uptrain the new run is the user's next choice
     if cfg.data.tokenizer is not None:  # the run's own tokenizer is copied into the new run
         kept = "tokenizer.model" if cfg.data.tokenizer.endswith(".model") else "tokenizer"
         new.data = dataclasses.replace(cfg.data, tokenizer=str(out / kept))

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["BatchStream", "context_parallel_shard", "forward_step"]
+__all__ = ["BatchStream", "context_parallel_shard", "forward_step", "shard_for_this_rank"]
 
 
 class BatchStream:
@@ -85,7 +85,8 @@ def context_parallel_shard(
     return out
 
 
-def _context_parallel_shard_of_this_rank(batch: dict[str, torch.Tensor]) -> dict:
+def shard_for_this_rank(batch: dict[str, torch.Tensor]) -> dict:
+    """This rank's context-parallel share of a microbatch (the whole of it without CP)."""
     from megatron.core import parallel_state as ps
 
     size = ps.get_context_parallel_world_size()
@@ -99,7 +100,7 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple
     by this rank's token count, and the gradient all-reduce averages over data- *and*
     context-parallel ranks, which together give the mean token loss of the global batch.
     """
-    batch = _context_parallel_shard_of_this_rank(next(data_iterator))
+    batch = shard_for_this_rank(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     mask = batch["loss_mask"]
 

@@ -21,6 +21,7 @@ __all__ = [
     "DataConfig",
     "CheckpointConfig",
     "LoggingConfig",
+    "UptrainConfig",
     "PretrainConfig",
     "load_config",
     "HF_MODEL_TYPES",
@@ -239,6 +240,26 @@ class LoggingConfig:
 
 
 @dataclass
+class UptrainConfig:
+    """Continued training of a converted model (``megatron-cla convert to-cla``), optionally
+    distilled from the model it came from."""
+
+    trainable: str = "all"
+    """``all`` trains every parameter; ``attention`` trains only the attention blocks
+    (query/key/value and output projections, q/k norms, biases), as SwiftKV does: everything
+    else is frozen and left out of the optimizer."""
+    teacher: Optional[str] = None
+    """A run directory (or its ``checkpoints``/``iter_`` directory) whose model is the frozen
+    teacher, usually the S=1 import the student was converted from. Same vocabulary,
+    tokenizer and layer shapes as the student; needs ``parallel.pipeline=1``."""
+    kd_weight: float = 0.5
+    """α in loss = (1 − α)·cross-entropy + α·T²·KL(teacher ‖ student) (0: no distillation
+    term, 1: distillation only)."""
+    kd_temperature: float = 2.0
+    """T: both models' logits are divided by it inside the KL."""
+
+
+@dataclass
 class PretrainConfig:
     """A complete pretraining run."""
 
@@ -250,6 +271,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    uptrain: UptrainConfig = field(default_factory=UptrainConfig)
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

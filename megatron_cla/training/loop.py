@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import signal
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,13 +33,16 @@ class Run:
     checkpointer: Optional[Checkpointer]
     reporter: RunReporter
     state: TrainState
+    train_forward_step: Callable = forward_step
+    """The schedule callback of training steps (distillation runs: the teacher's too);
+    evaluation always measures the student's own cross-entropy with ``forward_step``."""
 
 
-def _schedule(run: Run, batches: list, forward_only: bool) -> list[dict]:
+def _schedule(run: Run, batches: list, forward_only: bool, step_func: Callable) -> list[dict]:
     chunks = run.chunks
     iterators = [iter(batches) for _ in chunks]
     return get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=step_func,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(batches),
@@ -51,13 +54,22 @@ def _schedule(run: Run, batches: list, forward_only: bool) -> list[dict]:
 
 def _mean_loss(reports: list[dict]) -> float:
     """Token-weighted mean loss over microbatches and data-parallel ranks, known on every rank."""
-    totals = torch.zeros(2, dtype=torch.float64, device=_device())
+    return _token_means(reports, [])[0]
+
+
+def _token_means(reports: list[dict], extra: list[str]) -> list[float]:
+    """Token-weighted means, over microbatches and data-parallel ranks, of the loss and of the
+    sums a report keeps under ``distillation_sums`` (named ``extra``); known on every rank."""
+    totals = torch.zeros(2 + len(extra), dtype=torch.float64, device=_device())
     for report in reports:
-        totals += report["loss_sum_and_tokens"].to(totals)
+        totals[:2] += report["loss_sum_and_tokens"].to(totals)
+        if extra:
+            totals[2:] += report["distillation_sums"].to(totals)
     # Only the last pipeline stage computed losses: sum over DP ranks and over PP stages.
     dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
     dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    means = totals / totals[1].clamp(min=1)
+    return [means[0].item(), *means[2:].tolist()]
 
 
 def _device() -> torch.device:
@@ -73,7 +85,7 @@ def evaluate(run: Run) -> float:
     reports: list[dict] = []
     with torch.no_grad():
         for batches in run.eval_batches:
-            reports.extend(_schedule(run, batches, forward_only=True))
+            reports.extend(_schedule(run, batches, True, forward_step))
     for chunk in run.chunks:
         chunk.train()
     return _mean_loss(reports)
@@ -102,25 +114,33 @@ def _gradients(run: Run) -> Any:
             yield getattr(param, "main_grad", param.grad)
 
 
-def _train_step(run: Run) -> tuple[float, Optional[float], bool]:
-    """One step: (mean loss, gradient norm, whether the update was applied). A step whose loss
-    or gradients are not finite changes no weight and no optimizer state."""
+DISTILLATION_PARTS = ["ce", "kl", "teacher_ce"]
+"""What a distillation step reports besides its loss: the student's cross-entropy, the KL to
+the teacher and the teacher's cross-entropy (token means)."""
+
+
+def _train_step(run: Run) -> tuple[float, dict[str, float], Optional[float], bool]:
+    """One step: (mean loss, distillation parts, gradient norm, whether the update was applied).
+    A step whose loss or gradients are not finite changes no weight and no optimizer state."""
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-    reports = _schedule(run, run.train_stream.step(run.plan.num_microbatches), False)
-    loss = _mean_loss(reports)
+    batches = run.train_stream.step(run.plan.num_microbatches)
+    reports = _schedule(run, batches, False, run.train_forward_step)
+    extra = DISTILLATION_PARTS if run.train_forward_step is not forward_step else []
+    loss, *values = _token_means(reports, extra)
+    parts = dict(zip(extra, values, strict=True))
     run.state.iteration += 1
     run.state.consumed_samples = run.train_stream.consumed_samples
     # fp16: Megatron's loss scaler skips a step whose scaled gradients overflow and lowers the
     # scale (the first steps do that by design); it is not a failure of the run.
     scaled = run.plan.dtype == torch.float16
     if not math.isfinite(loss) or not (scaled or _all_finite(_gradients(run))):
-        return loss, None, False
+        return loss, parts, None, False
     updated, grad_norm, _ = run.optimizer.step()
     if updated:
         run.scheduler.step(increment=run.plan.config.train.global_batch_size)
-    return loss, (None if grad_norm is None else float(grad_norm)), True
+    return loss, parts, (None if grad_norm is None else float(grad_norm)), True
 
 
 def _due(step: int, interval: int, last: int) -> bool:
@@ -171,10 +191,11 @@ def train(run: Run) -> Optional[float]:
     config_dict = asdict(cfg)
     skipped = 0
     while run.state.iteration < last:
-        loss, grad_norm, updated = _train_step(run)
+        loss, parts, grad_norm, updated = _train_step(run)
         step = run.state.iteration
         skipped = 0 if updated else skipped + 1
-        run.reporter.step(step, loss, run.optimizer.param_groups[0]["lr"], grad_norm, updated)
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.reporter.step(step, loss, lr, grad_norm, updated, parts)
         if skipped > cfg.train.max_skipped_steps:
             raise DivergedRun(
                 f"step {step}: {skipped} steps in a row had a non-finite loss or gradient "

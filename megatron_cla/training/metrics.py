@@ -5,7 +5,8 @@ Only global rank 0 writes. Every ``log_interval`` steps a line like::
     step 100/300 | loss 4.8123 | lr 1.80e-03 | grad norm 0.912 | 3,412 tok/s | mem 0.61 GB |
     KV cache 8,192 B/token (no CLA: 16,384)
 
-Evaluations add ``val loss`` and ``val ppl``; the run ends with a summary line and
+A distillation run adds the parts of its loss after it: ``| ce 4.9012 | kl 0.2310 | teacher ce
+4.7011``. Evaluations add ``val loss`` and ``val ppl``; the run ends with a summary line and
 ``summary.json`` (steps, tokens, final validation ppl, parameters, KV bytes/token, tokens/s).
 """
 
@@ -53,6 +54,7 @@ class RunReporter:
         )
         self.kv_bytes = kv_bytes
         self.window: list[float] = []
+        self.part_windows: dict[str, list[float]] = {}
         self.window_start = time.perf_counter()
         self.started = time.perf_counter()
         self.steps_run = 0
@@ -92,19 +94,29 @@ class RunReporter:
                     self.writer.add_scalar(key.replace("_", " "), value, row["step"])
 
     def step(
-        self, step: int, loss: float, lr: float, grad_norm: Optional[float], updated: bool = True
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: Optional[float],
+        updated: bool = True,
+        parts: Optional[dict[str, float]] = None,
     ) -> None:
         """Record one optimizer step; print a line every ``log_interval`` steps, and for every
-        step skipped because its loss or gradients were not finite."""
+        step skipped because its loss or gradients were not finite. ``parts``: what the loss is
+        made of (distillation: ``ce``, ``kl``, ``teacher_ce``), logged beside it."""
         self.steps_run += 1
+        parts = parts or {}
         if updated:
             self.window.append(loss)
+            for key, value in parts.items():
+                self.part_windows.setdefault(key, []).append(value)
         if not self.active:
             return
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}")
-        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+        row = {"step": step, "loss": loss, **parts, "lr": lr, "grad_norm": grad_norm}
         self._record(row if updated else {**row, "skipped": True})
         if not updated:
             self.print(
@@ -118,13 +130,17 @@ class RunReporter:
         tokens_per_s = len(self.window) * self.tokens_per_step / max(elapsed, 1e-9)
         with_cla, without = self.kv_bytes
         norm = "n/a" if grad_norm is None else f"{grad_norm:.3f}"
+        means = "".join(
+            f" | {key.replace('_', ' ')} {sum(values) / len(values):.4f}"
+            for key, values in self.part_windows.items()
+        )
         self.print(
-            f"step {step}/{self.total} | loss {sum(self.window) / len(self.window):.4f} | "
+            f"step {step}/{self.total} | loss {sum(self.window) / len(self.window):.4f}{means} | "
             f"lr {lr:.2e} | grad norm {norm} | {tokens_per_s:,.0f} tok/s | "
             f"mem {peak_memory_gb():.2f} GB | KV cache {with_cla:,} B/token (no CLA: {without:,})"
         )
         self._record({"step": step, "tokens_per_s": tokens_per_s, "memory_gb": peak_memory_gb()})
-        self.window, self.window_start = [], time.perf_counter()
+        self.window, self.part_windows, self.window_start = [], {}, time.perf_counter()
 
     def evaluation(self, step: int, val_loss: float) -> float:
         """Record a validation loss; returns (and prints) the perplexity."""

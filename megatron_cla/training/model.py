@@ -103,10 +103,16 @@ def build_model_chunk(
 
 def build_model(plan: RunPlan, padded: int) -> list[torch.nn.Module]:
     """DDP-wrapped model chunks (one per virtual pipeline stage) of this rank, with a padded
-    vocabulary of ``padded`` (see :func:`padded_vocab_size`, :func:`resumed_vocab_size`)."""
+    vocabulary of ``padded`` (see :func:`padded_vocab_size`, :func:`resumed_vocab_size`); with
+    ``uptrain.trainable: attention`` only the attention blocks train."""
     p = plan.config.parallel
     stages = range(p.virtual_pipeline) if p.virtual_pipeline is not None else [None]
     chunks = [build_model_chunk(plan, padded, stage) for stage in stages]
+    if plan.config.uptrain.trainable == "attention":
+        from megatron_cla.training.uptraining import freeze_outside_attention
+
+        for chunk in chunks:  # before DDP: frozen parameters get no gradient buffer
+            freeze_outside_attention(chunk)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

@@ -16,6 +16,7 @@ import torch
 from megatron_cla._compat import FP8_RECIPES, fp8_recipe_support, transformer_engine_available
 from megatron_cla.config import CLATransformerConfig
 from megatron_cla.training.config import HF_MODEL_TYPES, PretrainConfig
+from megatron_cla.training.uptraining import check_uptrain_settings
 
 __all__ = ["RunPlan", "make_plan"]
 
@@ -367,6 +368,7 @@ def make_plan(
         t.lr_decay_style in ("cosine", "linear", "constant"),
         f"train.lr_decay_style={t.lr_decay_style!r}: use cosine, linear or constant",
     )
+    check_uptrain_settings(cfg)
     dp, microbatches = _parallel_sizes(cfg, world_size)
     dtype = _dtype(t.precision, on_gpu)
     use_te = _use_te(t.transformer_engine, on_gpu, te_available)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from megatron_cla.training.config import PretrainConfig
 
 if TYPE_CHECKING:
     from megatron_cla.training.plan import RunPlan
+    from megatron_cla.training.uptraining import TeacherPlan
 
 __all__ = ["describe_model", "run_pretraining"]
 
@@ -102,15 +103,42 @@ def describe_model(plan: RunPlan) -> str:
     return f"hybrid {layout.pattern!r}, CLA groups {layout.describe(sharing)}"
 
 
-def _count_parameters(chunks: list) -> int:
+def _count_parameters(chunks: list, trainable_only: bool = False) -> int:
     from megatron.core import parallel_state as ps
 
+    counted = [p for c in chunks for p in c.parameters() if p.requires_grad or not trainable_only]
     local = torch.tensor(
-        [float(sum(p.numel() for c in chunks for p in c.parameters()))],
+        [float(sum(p.numel() for p in counted))],
         device=next(chunks[0].parameters()).device,
     )
     dist.all_reduce(local, group=ps.get_model_parallel_group())
     return int(local.item())
+
+
+def _plan_teacher(cfg: PretrainConfig, plan: RunPlan, vocab: int) -> Optional[TeacherPlan]:
+    """The checked teacher of a distillation run (``uptrain.teacher``), None without one."""
+    from megatron_cla.training.run_dir import run_tokenizer_path
+    from megatron_cla.training.uptraining import check_teacher_tokenizer, plan_teacher
+
+    if cfg.uptrain.teacher is None:
+        return None
+    teacher = plan_teacher(cfg, plan.world_size, vocab)
+    check_teacher_tokenizer(teacher, run_tokenizer_path(cfg))
+    return teacher
+
+
+def _distillation_step(cfg: PretrainConfig, teacher: TeacherPlan, reporter: Any) -> Any:
+    """Load the frozen teacher; the training steps' schedule callback that distils from it."""
+    from megatron_cla.training.distillation import distillation_forward_step
+    from megatron_cla.training.uptraining import load_teacher
+
+    model = load_teacher(teacher)
+    u = cfg.uptrain
+    reporter.print(
+        f"distilling from {teacher.describe()} | loss = {1 - u.kd_weight:g} x CE + "
+        f"{u.kd_weight:g} x {u.kd_temperature:g}^2 x KL(teacher || student)"
+    )
+    return distillation_forward_step(model, u.kd_weight, u.kd_temperature)
 
 
 def run_pretraining(cfg: PretrainConfig) -> Optional[float]:
@@ -158,9 +186,6 @@ def _train_in_parallel_state(cfg: PretrainConfig, plan: RunPlan, on_gpu: bool) -
     model_parallel_cuda_manual_seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.logging.run_dir)
-    if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     tokenizer, (train_set, valid_set) = _datasets(plan, _prepare_data(cfg))
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep)
@@ -169,6 +194,10 @@ def _train_in_parallel_state(cfg: PretrainConfig, plan: RunPlan, on_gpu: bool) -
     vocab = padded_vocab_size(tokenizer.vocab_size, p.tensor)
     if iteration is not None:
         vocab = resumed_vocab_size(checkpointer.saved_vocab_size(iteration), p.tensor)
+    teacher = _plan_teacher(cfg, plan, vocab)  # checked before the student is allocated
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     chunks = build_model(plan, vocab)
     optimizer = build_optimizer(plan, chunks)
     connect_gradient_hooks(plan, optimizer)
@@ -194,8 +223,11 @@ def _train_in_parallel_state(cfg: PretrainConfig, plan: RunPlan, on_gpu: bool) -
         cfg.logging.log_interval,
     )
     params = _count_parameters(chunks)
+    trainable = _count_parameters(chunks, trainable_only=True)
     reporter.print(
-        f"{cfg.name}: {params:,} parameters | {describe_model(plan)}"
+        f"{cfg.name}: {params:,} parameters"
+        + (f" ({trainable:,} trainable: attention only)" if trainable < params else "")
+        + f" | {describe_model(plan)}"
         f" | world {plan.world_size} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP "
         f"{dp} | {plan.num_microbatches} microbatches/step | {plan.dtype} on "
         f"{'GPU' if on_gpu else 'CPU'} | {'TE' if plan.use_transformer_engine else 'local'} spec"
@@ -210,6 +242,8 @@ def _train_in_parallel_state(cfg: PretrainConfig, plan: RunPlan, on_gpu: bool) -
     run = Run(
         plan, chunks, optimizer, scheduler, stream, eval_batches, checkpointer, reporter, state
     )
+    if teacher is not None:
+        run.train_forward_step = _distillation_step(cfg, teacher, reporter)
     val_ppl = train(run)
     reporter.summary(cfg.name, run.state.iteration, val_ppl, params)
     return val_ppl
