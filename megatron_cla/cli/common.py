@@ -60,6 +60,7 @@ COMMANDS = (
     Command("prepare-data", "train a tokenizer and write Megatron datasets from text"),
     Command("sweep", "train a grid of CLA variants on the same data and token budget"),
     Command("sweep-report", "Pareto plot and claims report of a sweep's results"),
+    Command("uptrain-study", "pretrain, convert to CLA and uptrain: recovery against tokens"),
     Command("build-corpus", "rebuild the embedded corpus from its packages"),
 )
 """Every subcommand, in the order ``megatron-cla --help`` lists them."""

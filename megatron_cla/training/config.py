@@ -233,6 +233,9 @@ class LoggingConfig:
     """Steps between validation-perplexity evaluations (and one at the end)."""
     eval_iters: int = 10
     """Global batches per evaluation (the same held-out batches every time)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step of this invocation (e.g. a converted model before
+    uptraining); recorded at the step the run starts from."""
     tensorboard: bool = True
     """Write TensorBoard scalars when ``tensorboard`` is installed."""
     progress_bar: bool = True

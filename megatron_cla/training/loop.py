@@ -190,6 +190,8 @@ def train(run: Run) -> Optional[float]:
     last, val_ppl, stop = cfg.train.train_iters, None, _StopRequest()
     config_dict = asdict(cfg)
     skipped = 0
+    if cfg.logging.eval_at_start and run.state.iteration < last:
+        val_ppl = run.reporter.evaluation(run.state.iteration, evaluate(run))
     while run.state.iteration < last:
         loss, parts, grad_norm, updated = _train_step(run)
         step = run.state.iteration

@@ -25,7 +25,7 @@ from megatron_cla.training.config import PretrainConfig
 
 if TYPE_CHECKING:
     from megatron_cla.training.plan import RunPlan
-    from megatron_cla.training.uptraining import TeacherPlan
+    from megatron_cla.training.teacher import TeacherPlan
 
 __all__ = ["describe_model", "run_pretraining"]
 
@@ -118,7 +118,7 @@ def _count_parameters(chunks: list, trainable_only: bool = False) -> int:
 def _plan_teacher(cfg: PretrainConfig, plan: RunPlan, vocab: int) -> Optional[TeacherPlan]:
     """The checked teacher of a distillation run (``uptrain.teacher``), None without one."""
     from megatron_cla.training.run_dir import run_tokenizer_path
-    from megatron_cla.training.uptraining import check_teacher_tokenizer, plan_teacher
+    from megatron_cla.training.teacher import check_teacher_tokenizer, plan_teacher
 
     if cfg.uptrain.teacher is None:
         return None
@@ -130,7 +130,7 @@ def _plan_teacher(cfg: PretrainConfig, plan: RunPlan, vocab: int) -> Optional[Te
 def _distillation_step(cfg: PretrainConfig, teacher: TeacherPlan, reporter: Any) -> Any:
     """Load the frozen teacher; the training steps' schedule callback that distils from it."""
     from megatron_cla.training.distillation import distillation_forward_step
-    from megatron_cla.training.uptraining import load_teacher
+    from megatron_cla.training.teacher import load_teacher
 
     model = load_teacher(teacher)
     u = cfg.uptrain
