@@ -59,10 +59,8 @@ def pretrain_with_a_nan_loss(overrides: list[str]) -> Any:
     from megatron_cla.training.config import load_config
     from megatron_cla.training.pretraining import run_pretraining
 
-    original = loop.forward_step
-
     def poisoned(data_iterator: Any, model: Any) -> Any:
-        output, loss_func = original(data_iterator, model)
+        output, loss_func = loop.forward_step(data_iterator, model)
         if loop_state["step"] == NAN_STEP - 1:  # iterations done before this step
             output = output * float("nan")
         return output, loss_func
@@ -72,9 +70,10 @@ def pretrain_with_a_nan_loss(overrides: list[str]) -> Any:
 
     def counted(run: Any) -> Any:
         loop_state["step"] = run.state.iteration
+        run.train_forward_step = poisoned
         return step(run)
 
-    loop.forward_step, loop._train_step = poisoned, counted
+    loop._train_step = counted
     return run_pretraining(load_config(None, overrides))
 
 

@@ -127,7 +127,7 @@ def _train_step(run: Run) -> tuple[float, dict[str, float], Optional[float], boo
     run.optimizer.zero_grad()
     batches = run.train_stream.step(run.plan.num_microbatches)
     reports = _schedule(run, batches, False, run.train_forward_step)
-    extra = DISTILLATION_PARTS if run.train_forward_step is not forward_step else []
+    extra = DISTILLATION_PARTS if run.plan.config.uptrain.teacher is not None else []
     loss, *values = _token_means(reports, extra)
     parts = dict(zip(extra, values, strict=True))
     run.state.iteration += 1
