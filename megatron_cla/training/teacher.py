@@ -71,8 +71,11 @@ def plan_teacher(cfg: PretrainConfig, world_size: int, student_vocab: int) -> Te
             f"{student_vocab}: distillation compares the two models' logits token by token, so "
             f"both need the same tokenizer and vocabulary"
         )
-    vocab = resumed_vocab_size(saved_vocab, cfg.parallel.tensor)
-    plan = make_plan(teacher, world_size)
+    try:
+        vocab = resumed_vocab_size(saved_vocab, cfg.parallel.tensor)
+        plan = make_plan(teacher, world_size)
+    except ValueError as err:  # e.g. its K/V heads do not split over the student's TP
+        raise ValueError(f"uptrain.teacher={source} in the student's layout: {err}") from err
     return TeacherPlan(checkpointer, iteration, teacher, plan, vocab)
 
 
