@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 from megatron_cla.conversion.to_cla import CLATarget, convert_run_to_cla
 from megatron_cla.testing import run_on_ranks
 from megatron_cla.testing.distributed import init_process_group_once
+from megatron_cla.training.run_dir import copy_run
 from megatron_cla.training.uptraining import is_attention_parameter
 from tests.commands import run_command
 from tests.helpers import prepared_corpus_sample
@@ -67,22 +67,14 @@ def _uptrain(student: Path, steps: int, *extra: str, world: int = 1) -> list[dic
     return [row for row in rows if "loss" in row]
 
 
-def _copy(run: Path, to: Path) -> Path:
-    """A copy of a run that trains in its own directory."""
-    shutil.copytree(run, to)
-    text = (to / "config.yaml").read_text().replace(str(run), str(to))
-    (to / "config.yaml").write_text(text)
-    return to
-
-
 def test_distillation_logs_its_parts_and_a_student_equal_to_its_teacher_has_no_kl(runs, tmp_path):
     teacher = f"uptrain.teacher={runs['source']}"
-    twin = _uptrain(_copy(runs["twin"], tmp_path / "twin"), 1, teacher)[0]
+    twin = _uptrain(copy_run(runs["twin"], tmp_path / "twin"), 1, teacher)[0]
     assert twin["kl"] == pytest.approx(0.0, abs=1e-5)
     assert twin["ce"] == pytest.approx(twin["teacher_ce"], rel=1e-6)
     assert twin["loss"] == pytest.approx(0.5 * twin["ce"], rel=1e-5)  # kd_weight 0.5
 
-    student = _copy(runs["cla2"], tmp_path / "student")
+    student = copy_run(runs["cla2"], tmp_path / "student")
     rows = _uptrain(student, 2, teacher, "uptrain.kd_weight=0.25", "uptrain.kd_temperature=3")
     first = rows[0]
     assert first["teacher_ce"] == pytest.approx(twin["teacher_ce"], rel=1e-6)  # same batch
@@ -95,16 +87,16 @@ def test_distillation_logs_its_parts_and_a_student_equal_to_its_teacher_has_no_k
 
 def test_tensor_parallel_distillation_equals_one_rank(runs, tmp_path):
     teacher = f"uptrain.teacher={runs['source']}"
-    one = _uptrain(_copy(runs["cla2"], tmp_path / "tp1"), 1, teacher)[0]
-    two = _uptrain(_copy(runs["cla2"], tmp_path / "tp2"), 1, teacher, "parallel.tensor=2", world=2)[
-        0
-    ]
+    one = _uptrain(copy_run(runs["cla2"], tmp_path / "tp1"), 1, teacher)[0]
+    two = _uptrain(
+        copy_run(runs["cla2"], tmp_path / "tp2"), 1, teacher, "parallel.tensor=2", world=2
+    )[0]
     for key in ("loss", "ce", "kl", "teacher_ce"):
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
 
 
 def test_attention_only_training_changes_nothing_else(runs, tmp_path):
-    student = _copy(runs["cla2"], tmp_path / "attention")
+    student = copy_run(runs["cla2"], tmp_path / "attention")
     before, _ = run_weights(student)
     _uptrain(student, 2, "uptrain.trainable=attention")
     after, _ = run_weights(student)
@@ -138,7 +130,7 @@ def test_bad_teachers_and_settings_are_one_line_before_anything_is_built(runs, t
     write_random_checkpoint(
         variant_config(other_tokenizer, other_data, "model.num_layers=4"), VOCAB
     )
-    student = _copy(runs["cla2"], tmp_path / "student")
+    student = copy_run(runs["cla2"], tmp_path / "student")
     cases = {
         other_vocab: "vocabulary rows",
         wider: "hidden_size 96 vs 64",

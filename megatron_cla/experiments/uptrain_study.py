@@ -34,6 +34,7 @@ validation point. The plan file::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import subprocess
@@ -45,6 +46,7 @@ from typing import Any
 import yaml
 
 from megatron_cla.training.config import load_config
+from megatron_cla.training.run_dir import copy_run
 
 __all__ = ["StudyPlan", "StudyRun", "load_plan", "plan_runs", "run_study", "collect_results"]
 
@@ -74,12 +76,12 @@ class StudyPlan:
     methods: dict[str, list[str]]
     """Uptraining method name -> overrides (``{source}``: the seed's source run directory)."""
 
-    @property
+    @functools.cached_property
     def pretrain_iters(self) -> int:
         """Steps of the source's pretraining."""
         return load_config(Path(self.base), [*self.common, *self.pretrain]).train.train_iters
 
-    @property
+    @functools.cached_property
     def tokens_per_step(self) -> int:
         """Tokens of one optimizer step (every run of the study shares it)."""
         cfg = load_config(Path(self.base), [*self.common, *self.pretrain])
@@ -224,13 +226,9 @@ def plan_runs(plan: StudyPlan, out: Path) -> list[StudyRun]:
 
 def _copy_conversion(run: StudyRun, out: Path) -> None:
     """An uptraining run starts as a copy of its conversion (its own directory to write in)."""
-    converted = out / f"seed{run.seed}" / f"converted-{run.init}"
     if run.directory.exists():  # interrupted: start again from the conversion
         shutil.rmtree(run.directory)
-    shutil.copytree(converted, run.directory)
-    config = run.directory / "config.yaml"
-    text = config.read_text().replace(str(converted.resolve()), str(run.directory.resolve()))
-    config.write_text(text)
+    copy_run(out / f"seed{run.seed}" / f"converted-{run.init}", run.directory)
 
 
 def _execute(run: StudyRun, out: Path) -> None:

@@ -166,10 +166,10 @@ class _StopRequest:
 
 def _last_good(run: Run) -> str:
     """Where the run can resume from, for an error message."""
-    if run.checkpointer is None or not run.checkpointer.complete_iterations():
+    complete = [] if run.checkpointer is None else run.checkpointer.complete_iterations()
+    if not complete:
         return "no checkpoint was written"
-    newest = run.checkpointer.complete_iterations()[-1]
-    return f"the newest checkpoint, {run.checkpointer.path(newest)}, has finite weights"
+    return f"the newest checkpoint, {run.checkpointer.path(complete[-1])}, has finite weights"
 
 
 def _save(run: Run, step: int, config_dict: dict) -> None:

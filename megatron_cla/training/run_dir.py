@@ -9,12 +9,13 @@ machine and find the run's tokenizer with these functions.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 from megatron_cla.training.config import PretrainConfig, config_from_dict
 
-__all__ = ["find_checkpoint", "serving_config", "run_tokenizer_path"]
+__all__ = ["copy_run", "find_checkpoint", "serving_config", "run_tokenizer_path"]
 
 
 def find_checkpoint(path: Path, iteration: Optional[int] = None) -> tuple[Any, int]:
@@ -86,3 +87,14 @@ def run_tokenizer_path(cfg: PretrainConfig, override: Optional[Path] = None) -> 
         f"no tokenizer at {candidates[0]}; pass --tokenizer (a SentencePiece .model file or a "
         f"Hugging Face tokenizer directory)"
     )
+
+
+def copy_run(source: Path, to: Path) -> Path:
+    """A copy of the run directory ``source`` at ``to`` (which must not exist) whose
+    ``config.yaml`` names ``to`` wherever it named ``source`` (its run directory, a tokenizer kept
+    inside it), so that training the copy writes only into ``to``."""
+    shutil.copytree(source, to)
+    config = to / "config.yaml"
+    text = config.read_text().replace(str(Path(source).resolve()), str(Path(to).resolve()))
+    config.write_text(text)
+    return to
